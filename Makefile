@@ -1,0 +1,40 @@
+# One way to do each thing: the README, CI and people all use these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first, pinned to a pair known to work together; override for another
+# platform, e.g. `make install TORCH_PINS="torch torchvision"`.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+ARTIFACTS ?= artifacts
+CHECKPOINT := $(ARTIFACTS)/convnet.pt
+TRAIN_ARGS ?=
+
+.PHONY: install test train serve lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+train: install
+	$(PY) -m training --out $(ARTIFACTS) $(TRAIN_ARGS)
+
+$(CHECKPOINT):
+	$(MAKE) train
+
+serve: install $(CHECKPOINT)
+	@echo "make serve: trained model at $(CHECKPOINT); export and the BentoML service are not built yet (see the open issues)" >&2
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache

@@ -1,0 +1,50 @@
+"""Shared, session-scoped fixtures: real MNIST, one tiny model trained in seconds, built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
+from training.train import TrainConfig, TrainResult, train
+
+REPO = Path(__file__).resolve().parent.parent
+BOOK_CHECKPOINT = REPO.parent / "shared" / "book" / "convnet.pth"
+BOOK_IMAGE = REPO.parent / "shared" / "book" / "digit_image.jpg"
+TINY_TRAIN_IMAGES = 1024
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Real MNIST: $MNIST_DATA_DIR, else ./data (downloaded by torchvision if the internet is reachable)."""
+    root = resolve_data_dir()
+    load_mnist(root, train=False)  # fail the session loudly, with the loader's own message, if data is missing
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_test(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 test images (uint8) and labels."""
+    return load_mnist(data_dir, train=False)
+
+
+@pytest.fixture(scope="session")
+def test_inputs(mnist_test) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = mnist_test
+    return to_model_input(images, Normalization()), labels
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory) -> TrainResult:
+    """Two epochs on 1,024 real training images: a real checkpoint in a few seconds."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    return train(TrainConfig(epochs=2, limit=TINY_TRAIN_IMAGES, data_dir=str(data_dir), out=str(out), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def book_checkpoint() -> Path:
+    if not BOOK_CHECKPOINT.is_file():
+        pytest.skip(f"the book's checkpoint is not at {BOOK_CHECKPOINT}")
+    return BOOK_CHECKPOINT
