@@ -8,9 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 ARTIFACTS ?= artifacts
 CHECKPOINT := $(ARTIFACTS)/convnet.pt
+EXPORT_DIR := $(ARTIFACTS)/export
 TRAIN_ARGS ?=
 
-.PHONY: install test train serve lint clean
+.PHONY: install test train export serve lint clean
 
 install: $(VENV)/.installed
 
@@ -33,8 +34,16 @@ train: install
 $(CHECKPOINT):
 	$(MAKE) train
 
-serve: install $(CHECKPOINT)
-	@echo "make serve: trained model at $(CHECKPOINT); export and the BentoML service are not built yet (see the open issues)" >&2
+# Re-exported whenever the checkpoint is newer than the manifest; registration is skipped when the model
+# store already holds these exact files.
+$(EXPORT_DIR)/manifest.json: $(CHECKPOINT)
+	$(PY) -m export build --checkpoint $(CHECKPOINT) --out $(EXPORT_DIR)
+
+export: install $(EXPORT_DIR)/manifest.json
+	$(PY) -m export register $(EXPORT_DIR)
+
+serve: export
+	@echo "make serve: exported and registered $(EXPORT_DIR); the BentoML service is not built yet (see the open issues)" >&2
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 BOOK_CHECKPOINT = REPO.parent / "shared" / "book" / "convnet.pth"
 BOOK_IMAGE = REPO.parent / "shared" / "book" / "digit_image.jpg"
 TINY_TRAIN_IMAGES = 1024
+
+
+def pytest_configure(config):
+    # Every BentoML model store this suite touches lives in a temp dir, set before bentoml is imported.
+    if "MNIST_TEST_BENTOML_HOME" not in os.environ:
+        os.environ["MNIST_TEST_BENTOML_HOME"] = os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
+
+
+def pytest_unconfigure(config):
+    home = os.environ.pop("MNIST_TEST_BENTOML_HOME", None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +63,12 @@ def book_checkpoint() -> Path:
     if not BOOK_CHECKPOINT.is_file():
         pytest.skip(f"the book's checkpoint is not at {BOOK_CHECKPOINT}")
     return BOOK_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def book_export(book_checkpoint, data_dir, tmp_path_factory):
+    """The book's weights exported to every format, verified, and registered in the test model store."""
+    from export.build import ExportConfig, build
+
+    out = tmp_path_factory.mktemp("book_export")
+    return build(ExportConfig(checkpoint=str(book_checkpoint), out=str(out), data_dir=str(data_dir)))

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # third-party libraries: warnings only
+    for name in ("training", "export"):
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         cfg = TrainConfig(
             epochs=args.epochs,

@@ -1,0 +1,94 @@
+"""``python -m export build|verify``: thin CLI over export.build; user errors are one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from export.build import ExportConfig, ExportError, build, verify_dir
+from export.formats import DEFAULT_OPSET
+from export.verify import VerificationError
+from training.checkpoint import CheckpointError
+from training.data import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export", description="Export the ConvNet and prove each format equivalent."
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="export a checkpoint to TorchScript, ONNX and torch.export, verify, register")
+    b.add_argument(
+        "--checkpoint", required=True, help="the project's convnet.pt or a plain state_dict (e.g. the book's)"
+    )
+    b.add_argument("--out", default=ExportConfig.out, help=f"output folder, default {ExportConfig.out}")
+    b.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, default {DEFAULT_OPSET}")
+    b.add_argument("--no-register", action="store_true", help="do not add the result to the BentoML model store")
+    b.add_argument("--no-int8", action="store_true", help="skip the INT8 ONNX variant")
+    b.add_argument(
+        "--data-dir", default=None, help="MNIST folder for verification (default $MNIST_DATA_DIR, then ./data)"
+    )
+    v = sub.add_parser("verify", help="check an export folder's files against its manifest, then re-run the numbers")
+    v.add_argument("dir", help="the folder `build` wrote")
+    v.add_argument("--data-dir", default=None)
+    r = sub.add_parser("register", help="add a built folder to the BentoML model store unless it is there already")
+    r.add_argument("dir", help="the folder `build` wrote")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # third-party libraries: warnings only
+    for name in ("training", "export"):
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log = logging.getLogger("export")
+    try:
+        if args.command == "build":
+            cfg = ExportConfig(
+                checkpoint=args.checkpoint,
+                out=args.out,
+                opset=args.opset,
+                register=not args.no_register,
+                int8=not args.no_int8,
+                data_dir=args.data_dir,
+            )
+            result = build(cfg)
+            report = result.manifest["verification"]
+            log.info(
+                "verified %s at batch sizes %s; wrote %s/manifest.json%s",
+                ", ".join(report["formats"]),
+                report["batch_sizes"],
+                result.out,
+                f"; registered {result.tag}" if result.tag else "",
+            )
+        elif args.command == "register":
+            from export.build import check_files, read_manifest
+            from export.store import ensure_registered
+
+            manifest = read_manifest(args.dir)
+            check_files(args.dir, manifest)
+            tag, added = ensure_registered(Path(args.dir), manifest)
+            log.info("%s %s in the BentoML model store", "registered" if added else "already have", tag)
+        else:
+            report = verify_dir(args.dir, args.data_dir)
+            worst = max(r["max_abs_diff"] for fmt, r in report["formats"].items() if not fmt.endswith("-int8"))
+            log.info(
+                "%s: all files match the manifest; %s agree with eager (worst max abs diff %.3g)",
+                args.dir,
+                ", ".join(report["formats"]),
+                worst,
+            )
+    except (VerificationError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

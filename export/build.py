@@ -1,0 +1,193 @@
+"""``build``: checkpoint -> TorchScript, ONNX, torch.export (+ INT8 ONNX) -> verified -> manifest -> model store.
+
+``verify_dir``: re-check a built folder against its manifest (hashes first, then numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from export import formats
+from export.verify import verify
+from training.checkpoint import Checkpoint, build_model, file_sha256, load_checkpoint, save_checkpoint
+from training.data import load_mnist, resolve_data_dir, to_model_input
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SOURCE_FILE = "checkpoint.pt"  # the eager reference, re-saved in the project's format, so a folder verifies alone
+MANIFEST_VERSION = 1
+
+
+class ExportError(Exception):
+    """A problem with the export folder itself: no manifest, a missing or changed file."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str
+    out: str = "artifacts/export"
+    opset: int = formats.DEFAULT_OPSET
+    register: bool = True
+    int8: bool = True
+    data_dir: str | None = None  # MNIST for verification and INT8 calibration; None: $MNIST_DATA_DIR, then ./data
+
+    def __post_init__(self):
+        if not 18 <= self.opset <= 23:
+            raise ValueError(
+                f"opset must be between 18 and 23 (the torch.export-based exporter's range), got {self.opset}"
+            )
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: dict
+    tag: str | None
+
+
+def _describe(path: Path) -> dict:
+    return {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _write_json_atomically(data: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def export_all(model: torch.nn.Module, out: Path, opset: int) -> dict[str, Path]:
+    paths = {
+        "torchscript": formats.export_torchscript(model, out / formats.FILES["torchscript"]),
+        "onnx": formats.export_onnx(model, out / formats.FILES["onnx"], opset),
+    }
+    try:
+        paths["pt2"] = formats.export_pt2(model, out / formats.FILES["pt2"])
+    except Exception as exc:  # noqa: BLE001 - torch.export is optional here; the other formats still ship
+        log.warning("torch.export failed, skipping convnet.pt2: %s", str(exc).splitlines()[0])
+    return paths
+
+
+def build(cfg: ExportConfig) -> BuildResult:
+    ckpt = load_checkpoint(cfg.checkpoint)
+    model = build_model(ckpt)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
+
+    root = resolve_data_dir(cfg.data_dir)
+    test_images, test_labels = load_mnist(root, train=False)
+    x_test = to_model_input(test_images, ckpt.normalization)
+
+    source = save_checkpoint(ckpt, out / SOURCE_FILE)
+    log.info("exporting %s to %s", cfg.checkpoint, out)
+    paths = export_all(model, out, cfg.opset)
+    int8_speed = None
+    if cfg.int8:
+        from export.quantize import CALIBRATION_IMAGES, quantize_int8, speedup
+
+        train_images, _ = load_mnist(root, train=True)
+        calibration = to_model_input(train_images[:CALIBRATION_IMAGES], ckpt.normalization).numpy()
+        paths["onnx-int8"] = quantize_int8(paths["onnx"], out / formats.FILES["onnx-int8"], calibration)
+        int8_speed = speedup(paths["onnx"], paths["onnx-int8"], x_test[:2048].numpy())
+
+    runners = {fmt: formats.load_runner(fmt, path) for fmt, path in paths.items()}
+    report = verify(model, runners, x_test, test_labels)  # raises VerificationError: then no manifest is written
+    if int8_speed:
+        report["formats"]["onnx-int8"]["speed"] = int8_speed
+        log.info(
+            "onnx-int8: %.2fx the float model's images/s in ONNX Runtime (batch %d)",
+            int8_speed["speedup"],
+            int8_speed["batch"],
+        )
+
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "model": "mnist-convnet",
+        "artifacts": {fmt: _describe(path) for fmt, path in paths.items()},
+        "input": {"name": formats.INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32"},
+        "output": {
+            "name": formats.OUTPUT_NAME,
+            "shape": ["batch", 10],
+            "dtype": "float32",
+            "meaning": "log-probabilities of the digits 0-9",
+        },
+        "normalization": ckpt.normalization.to_dict(),
+        "model_config": ckpt.model_config.to_dict(),
+        "opset": cfg.opset,
+        "versions": _versions(),
+        "source": {
+            "path": str(cfg.checkpoint),
+            "kind": ckpt.provenance.get("source", "checkpoint"),
+            "sha256": ckpt.provenance["checkpoint_sha256"],
+            "reference": _describe(source),
+            "metrics": {k: v for k, v in ckpt.metrics.items() if k != "history"},
+            "provenance": {k: v for k, v in ckpt.provenance.items() if k != "checkpoint_sha256"},
+        },
+        "verification": report,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_json_atomically(manifest, out / MANIFEST)
+    tag = None
+    if cfg.register:
+        from export.store import register
+
+        tag = register(out, manifest)
+    return BuildResult(out=out, manifest=manifest, tag=tag)
+
+
+def read_manifest(export_dir: Path) -> dict:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"no {MANIFEST} in {export_dir}: run `python -m export build` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ExportError(
+            f"{path} has manifest_version {manifest.get('manifest_version')!r}, expected {MANIFEST_VERSION}"
+        )
+    return manifest
+
+
+def check_files(export_dir: Path, manifest: dict) -> None:
+    """Every artifact (and the reference checkpoint) is present with the manifest's sha256."""
+    entries = [*manifest["artifacts"].values(), manifest["source"]["reference"]]
+    problems = []
+    for entry in entries:
+        path = Path(export_dir) / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']} is missing")
+        elif (digest := file_sha256(path)) != entry["sha256"]:
+            problems.append(
+                f"{entry['file']} has changed (sha256 {digest[:12]}..., manifest {entry['sha256'][:12]}...)"
+            )
+    if problems:
+        raise ExportError(f"{export_dir}: " + "; ".join(problems))
+
+
+def verify_dir(export_dir: str | os.PathLike, data_dir: str | None = None) -> dict:
+    """Hashes against the manifest, then the numerical check of every format against the reference model."""
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    check_files(export_dir, manifest)
+    ckpt: Checkpoint = load_checkpoint(export_dir / manifest["source"]["reference"]["file"])
+    model = build_model(ckpt)
+    images, labels = load_mnist(resolve_data_dir(data_dir), train=False)
+    runners = {fmt: formats.load_runner(fmt, export_dir / a["file"]) for fmt, a in manifest["artifacts"].items()}
+    return verify(model, runners, to_model_input(images, ckpt.normalization), labels)
