@@ -10,8 +10,12 @@ ARTIFACTS ?= artifacts
 CHECKPOINT := $(ARTIFACTS)/convnet.pt
 EXPORT_DIR := $(ARTIFACTS)/export
 TRAIN_ARGS ?=
+# MNIST: $MNIST_DATA_DIR if set; else the read-only copy beside the checkout where there is one (CI and the
+# development machines have no internet); else ./data, downloaded by torchvision.
+MNIST_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),)
+export MNIST_DATA_DIR
 
-.PHONY: install test train export serve lint clean
+.PHONY: install test train export serve bento lint clean
 
 install: $(VENV)/.installed
 
@@ -42,8 +46,12 @@ $(EXPORT_DIR)/manifest.json: $(CHECKPOINT)
 export: install $(EXPORT_DIR)/manifest.json
 	$(PY) -m export register $(EXPORT_DIR)
 
+PORT ?= 3000
 serve: export
-	@echo "make serve: exported and registered $(EXPORT_DIR); the BentoML service is not built yet (see the open issues)" >&2
+	$(PY) -m bentoml serve --port $(PORT)
+
+bento: export
+	$(PY) -m bentoml build
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

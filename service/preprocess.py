@@ -1,0 +1,164 @@
+"""Real-world images -> MNIST-style 28x28 inputs, the way MNIST itself was made. numpy and Pillow only.
+
+One pipeline for both endpoints: grayscale (alpha composited onto the background), inverted when the digit
+is dark on light, stray regions touching the border dropped, contrast stretched, cropped to the digit, the
+longer side scaled to 20 px keeping the aspect ratio, then placed in 28x28 with its centre of mass at the
+centre. A plain resize to 28x28 (the book's server) gets most photos and screenshots wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+MNIST_SIDE = 28
+DIGIT_BOX = 20  # MNIST fits each digit in a 20x20 box, then centres its mass in 28x28
+MAX_PIXELS = 25_000_000  # 5000x5000; larger headers are refused before any pixel is decoded
+MAX_BYTES = 10 * 1024 * 1024
+MIN_DIGIT_AREA = 0.001  # an inner blob this share of the picture is a digit, enough to drop the border blobs
+MIN_BLOB_FRACTION = 0.05  # blobs under 5% of the largest one are specks, not strokes
+WORK_SIDE = 512  # big images are shrunk to this before the pixel work; the digit ends up 20 px anyway
+
+
+class ImageError(ValueError):
+    """The input cannot be read as a digit image; the message says what was expected."""
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+def decode(data: bytes, name: str = "image") -> Image.Image:
+    """Bytes -> a fully loaded Pillow image, decoded by content (not file name or declared type)."""
+    if not data:
+        raise ImageError(f"{name} is empty; expected a PNG, JPEG or other image file")
+    if len(data) > MAX_BYTES:
+        raise ImageTooLarge(f"{name} is {len(data)} bytes; the limit is {MAX_BYTES} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageTooLarge(
+                    f"{name} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS} pixels in all"
+                )
+            img.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageTooLarge(f"{name} has enormous dimensions; the limit is {MAX_PIXELS} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name} is not an image Pillow can read; expected PNG, JPEG, GIF, BMP, TIFF or WebP"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{name} could not be decoded ({str(exc)[:120]}); is the file truncated?") from None
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"{name} has no pixels")
+    return img
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Grayscale in 0..1. Transparent pixels show the background a viewer would show: white, unless the
+    opaque strokes are themselves light (a light digit on a transparent sheet), then black."""
+    img = ImageOps.exif_transpose(img)  # photos from phones carry their rotation in EXIF
+    if img.mode in ("P", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        luma = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
+        opaque = alpha > 0.5
+        background = 0.0 if opaque.any() and luma[opaque].mean() > 0.5 else 1.0
+        return luma * alpha + background * (1.0 - alpha)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def _shrink(gray: np.ndarray) -> np.ndarray:
+    h, w = gray.shape
+    if max(h, w) <= WORK_SIDE:
+        return gray
+    scale = WORK_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=64, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(hist)
+    weight1 = weight0[-1] - weight0
+    mean0 = np.cumsum(hist * centers) / np.maximum(weight0, 1)
+    mean1 = ((hist * centers).sum() - np.cumsum(hist * centers)) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(centers[np.argmax(between)])
+
+
+def _digit_mask(ink: np.ndarray) -> np.ndarray:
+    """Keep the strokes of the digit: drop blobs that reach the border (frames, paper edges, plot margins)
+    unless they are all there is (a digit cropped tight), then specks far smaller than the largest blob
+    (noise, the holes in a plot's tick labels)."""
+    labels, count = ndimage.label(ink)
+    if count == 0:
+        return ink
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    inner = sizes.copy()
+    inner[border] = 0
+    if inner.max() >= MIN_DIGIT_AREA * ink.size:
+        sizes = inner
+    keep = sizes >= max(MIN_BLOB_FRACTION * sizes.max(), 1)
+    return keep[labels]
+
+
+def mnist_style(gray: np.ndarray) -> np.ndarray:
+    """A grayscale image (0..1, any size) -> 28x28 float32 in 0..1, white digit on black, MNIST-centred."""
+    gray = _shrink(np.nan_to_num(np.asarray(gray, dtype=np.float32)).clip(0.0, 1.0))
+    if float(np.median(gray)) > 0.5:  # most of the picture is light: dark ink on paper or a white canvas
+        gray = 1.0 - gray
+    background = float(np.median(gray))
+    peak = float(np.percentile(gray, 99.5))
+    if peak - background < 0.05:
+        return np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)  # nothing drawn: a blank answer, not an error
+    gray = ((gray - background) / (peak - background)).clip(0.0, 1.0)
+    threshold = max(_otsu(gray), 0.2)
+    mask = _digit_mask(gray > threshold)
+    # the digit's anti-aliased edges: faint pixels next to the kept strokes, nothing else (MNIST's background is 0)
+    near = ndimage.binary_dilation(mask, iterations=2)
+    gray = np.where(near & (gray >= 0.5 * threshold), gray, 0.0).astype(np.float32)
+    rows, cols = np.nonzero(mask)
+    crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    return _centre(crop)
+
+
+def _centre(crop: np.ndarray) -> np.ndarray:
+    h, w = crop.shape
+    scale = DIGIT_BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    digit = np.asarray(Image.fromarray(crop, mode="F").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    digit = digit.clip(0.0, 1.0)
+    out = np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)
+    dh, dw = digit.shape
+    mass = digit.sum()
+    ys, xs = np.indices(digit.shape)
+    cy, cx = ((ys * digit).sum() / mass, (xs * digit).sum() / mass) if mass > 0 else ((dh - 1) / 2, (dw - 1) / 2)
+    top = int(round((MNIST_SIDE - 1) / 2 - cy))
+    left = int(round((MNIST_SIDE - 1) / 2 - cx))
+    top, left = min(max(top, 0), MNIST_SIDE - dh), min(max(left, 0), MNIST_SIDE - dw)
+    out[top : top + dh, left : left + dw] = digit
+    return out
+
+
+def image_to_mnist(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded image bytes -> 28x28 float32 in 0..1, white digit on black."""
+    return mnist_style(to_gray(decode(data, name)))
+
+
+def normalize(batch: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """[N, 28, 28] in 0..1 -> the model's [N, 1, 28, 28] input, with the training normalization."""
+    return ((batch.astype(np.float32) - mean) / std)[:, None, :, :]

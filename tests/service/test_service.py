@@ -1,0 +1,161 @@
+"""Level 1: the service class called directly. Level 2: HTTP through Service.to_asgi()."""
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from service.preprocess import normalize
+from tests.conftest import BOOK_IMAGE
+from tests.service.conftest import png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+# ---- level 1: the class ----------------------------------------------------------------------------------
+def test_direct_call_predicts_real_digits(classifier, mnist_test):
+    images, labels = mnist_test
+    batch = normalize(np.stack([img.numpy() / 255.0 for img in images[:32]]), 0.1302, 0.3069)
+    results = classifier.predict(batch)
+    assert len(results) == 32
+    assert sum(r["digit"] == int(y) for r, y in zip(results, labels[:32])) >= 31
+    for r in results:
+        assert len(r["probabilities"]) == 10
+        assert abs(sum(r["probabilities"]) - 1) < 1e-4
+        assert r["confidence"] == pytest.approx(max(r["probabilities"]), abs=1e-6)
+
+
+def test_model_info_comes_from_the_manifest(classifier, book_export):
+    info = classifier.model_info()
+    assert info["tag"] == book_export.tag
+    assert info["runtime"] == "onnx" and info["device"] == "cpu"
+    assert info["test_accuracy"] == pytest.approx(0.9871)
+    assert info["formats"]["onnx"]["sha256"] == book_export.manifest["artifacts"]["onnx"]["sha256"]
+    assert classifier.__is_ready__()
+
+
+def test_validators_reject_before_batching(service_module):
+    from bentoml.exceptions import BadInput
+
+    with pytest.raises(BadInput, match="shape"):
+        service_module.arrays_to_batch([[0.0] * 28] * 28)
+    with pytest.raises(BadInput, match="NaN"):
+        service_module.arrays_to_batch(np.full((1, 28, 28), np.nan).tolist())
+    with pytest.raises(service_module.PayloadTooLarge):
+        service_module.arrays_to_batch(np.zeros((service_module.CONFIG.max_images_per_request + 1, 28, 28)).tolist())
+
+
+# ---- level 2: HTTP through to_asgi() ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def http(service_module):
+    with TestClient(service_module.MNISTClassifier.to_asgi()) as client:
+        yield client
+
+
+def test_http_predict_multipart(http, mnist_test):
+    images, labels = mnist_test
+    files = [("images", (f"d{i}.png", png_bytes(images[i].numpy()), "image/png")) for i in range(5)]
+    files.append(("images", ("book.jpg", BOOK_IMAGE.read_bytes(), "image/jpeg")))  # a PNG declared as JPEG
+    resp = http.post("/predict", files=files)
+    assert resp.status_code == 200, resp.text
+    digits = [r["digit"] for r in resp.json()]
+    assert digits == [*labels[:5].tolist(), 2]
+
+
+def test_http_predict_array(http, mnist_test):
+    images, labels = mnist_test
+    resp = http.post("/predict_array", json={"images": (images[:4].numpy() / 255.0).tolist()})
+    assert resp.status_code == 200, resp.text
+    assert [r["digit"] for r in resp.json()] == labels[:4].tolist()
+
+
+def test_http_health_and_docs(http):
+    assert http.get("/readyz").status_code == 200
+    assert http.get("/livez").status_code == 200
+    assert "/predict" in http.get("/docs.json").json()["paths"]
+    assert http.post("/model_info").json()["runtime"] == "onnx"
+
+
+BIG = 2 * 28 * 28
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status, fragment",
+    [
+        ("/predict", dict(files=[("images", ("x.png", b"not an image", "image/png"))]), 400, "not an image"),
+        ("/predict", dict(files=[("images", ("x.png", b"", "image/png"))]), 400, "empty"),
+        ("/predict", dict(files=[("other", ("x.png", b"abc", "image/png"))]), 400, "images"),
+        ("/predict", dict(json={"images": []}), 415, "multipart/form-data"),
+        ("/predict_array", dict(json={"images": [[[0.5] * 27] * 28]}), 400, "shape"),
+        ("/predict_array", dict(json={"images": []}), 400, "no images"),
+        ("/predict_array", dict(json={"images": [[[2.0] * 28] * 28]}), 400, "0..1"),
+        ("/predict_array", dict(json={"images": [[[-0.5] * 28] * 28]}), 400, "0..1"),
+        ("/predict_array", dict(json={"images": [[["a"] * 28] * 28]}), 400, "numbers"),
+        ("/predict_array", dict(json={"images": [[[0.1] * 28] * 27 + [[0.1] * 5]]}), 400, "ragged"),
+        (
+            "/predict_array",
+            dict(content=b'{"images": [[[NaN]]]}', headers={"content-type": "application/json"}),
+            400,
+            "shape",
+        ),
+        ("/predict_array", dict(content=b"{broken", headers={"content-type": "application/json"}), 400, "JSON"),
+        ("/predict_array", dict(data={"images": "x"}), 415, "application/json"),
+        ("/predict_array", dict(json={"images": np.zeros((65, 28, 28)).tolist()}), 413, "limit is 64"),
+    ],
+)
+def test_http_bad_input_is_a_clear_4xx(http, path, kwargs, status, fragment):
+    resp = http.post(path, **kwargs)
+    assert resp.status_code == status, resp.text
+    assert fragment in resp.text
+
+
+def test_http_nan_values_are_rejected(http):
+    body = '{"images": [[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]}"
+    resp = http.post("/predict_array", content=body.encode(), headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "NaN" in resp.text
+
+
+def test_http_decompression_bomb_is_413(http):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")
+    resp = http.post("/predict", files=[("images", ("bomb.png", buf.getvalue(), "image/png"))])
+    assert resp.status_code == 413 and "limit" in resp.text
+
+
+def test_http_too_many_files_is_413(http, mnist_test):
+    data = png_bytes(mnist_test[0][0].numpy())
+    resp = http.post("/predict", files=[("images", (f"{i}.png", data, "image/png")) for i in range(65)])
+    assert resp.status_code == 413
+
+
+# ---- runtimes ---------------------------------------------------------------------------------------------
+def _runtime_outputs(kind, book_export, batch):
+    from service.runtime import load_runtime
+
+    runtime = load_runtime(kind, book_export.out, book_export.manifest, threads=1)
+    return runtime, runtime.log_probs(batch)
+
+
+def test_torchscript_runtime_agrees_with_onnx(book_export, test_inputs):
+    batch = test_inputs[0][:64].numpy()
+    _, onnx_out = _runtime_outputs("onnx", book_export, batch)
+    runtime, ts_out = _runtime_outputs("torchscript", book_export, batch)
+    assert runtime.device in ("cpu", "cuda")
+    np.testing.assert_allclose(ts_out, onnx_out, atol=1e-4)
+    assert (ts_out.argmax(1) == onnx_out.argmax(1)).all()
+
+
+@pytest.mark.gpu
+def test_torchscript_runtime_on_cuda(book_export, test_inputs):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    batch = test_inputs[0][:512].numpy()
+    runtime, out = _runtime_outputs("torchscript", book_export, batch)
+    assert runtime.device == "cuda"
+    _, cpu_out = _runtime_outputs("onnx", book_export, batch)
+    assert (out.argmax(1) == cpu_out.argmax(1)).mean() >= 0.999
