@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 MNIST_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),)
 export MNIST_DATA_DIR
 
-.PHONY: install test train export serve bento lint clean
+.PHONY: install test train export serve bento bench bench-quick lint clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,17 @@ serve: export
 
 bento: export
 	$(PY) -m bentoml build
+
+# Benchmarks: not part of `make test`. They need wrk (Debian's package) and the bench extra (Flask, psutil).
+bench-deps: install
+	@command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+
+bench: bench-deps
+	$(PY) -m bench.run
+
+bench-quick: bench-deps
+	$(PY) -m bench.run --quick
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

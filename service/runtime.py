@@ -40,6 +40,7 @@ class ServiceConfig:
     runtime: str = "onnx"
     workers: int = 2  # one per core: each worker decodes, preprocesses and runs its own model session
     threads_per_worker: int = 1  # intra-op threads of each session, so workers do not oversubscribe the cores
+    batching: bool = True  # MNIST_BATCHING=0 serves each request on its own (for comparison)
     max_batch_size: int = 64
     max_latency_ms: int = 2000  # the cork dispatcher's budget: 503 only when a request would wait longer
     max_images_per_request: int = 64
@@ -57,7 +58,8 @@ class ServiceConfig:
             runtime=runtime,
             workers=_env_int("MNIST_WORKERS", min(cls.workers, cpus)),
             threads_per_worker=_env_int("MNIST_THREADS", cls.threads_per_worker),
-            max_batch_size=_env_int("MNIST_MAX_BATCH_SIZE", cls.max_batch_size),
+            batching=_env_int("MNIST_BATCHING", 1, minimum=0) != 0,
+            max_batch_size=_env_int("MNIST_MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
             max_latency_ms=_env_int("MNIST_MAX_LATENCY_MS", cls.max_latency_ms),
             max_images_per_request=_env_int("MNIST_MAX_IMAGES", cls.max_images_per_request),
         )

@@ -140,6 +140,13 @@ async def _reject(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+BATCHING = (
+    {"batchable": True, "max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms}
+    if CONFIG.batching
+    else {}
+)
+
+
 @bentoml.service(
     name="mnist_classifier",
     workers=CONFIG.workers,

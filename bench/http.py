@@ -1,0 +1,176 @@
+"""HTTP serving under load with wrk (Debian's package): our BentoML service, batched and unbatched, against
+the book's Flask server and a BentoML endpoint that does nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+WRK_SCRIPT = """
+local f = io.open(os.getenv("WRK_BODY"), "rb"); local body = f:read("*all"); f:close()
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = os.getenv("WRK_CTYPE")
+done = function(s, latency, requests)
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
+    .. '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d}\\n', s.requests, s.duration,
+    s.errors.connect, s.errors.read, s.errors.write, s.errors.status, s.errors.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multipart(files: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    """(field, filename, data, type) parts -> body and content type."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, filename, data, ctype in files:
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n".encode()
+        )
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def png(image_u8: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_u8, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    ready_path: str
+    env: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+
+    def __enter__(self) -> Server:
+        self.port = free_port()
+        argv = [a.replace("{port}", str(self.port)) for a in self.argv]
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**os.environ, **self.env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready in 120 s")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+    def __exit__(self, *exc) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "body").write_bytes(body)
+        (Path(tmp) / "s.lua").write_text(WRK_SCRIPT)
+        threads = min(2, connections)
+        proc = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-d",
+                f"{seconds}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(Path(tmp) / "s.lua"),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WRK_BODY": str(Path(tmp) / "body"), "WRK_CTYPE": ctype},
+            timeout=seconds + 60,
+        )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    r = json.loads(line[len("WRKJSON ") :])
+    errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return {
+        "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
+        "errors": errors,
+        "p50_ms": r["p50_us"] / 1000,
+        "p90_ms": r["p90_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+    }
+
+
+def median_of(windows: list[dict]) -> dict:
+    keys = ("requests_per_s", "p50_ms", "p90_ms", "p99_ms")
+    out = {k: statistics.median(w[k] for w in windows) for k in keys}
+    out["errors"] = sum(w["errors"] for w in windows)
+    out["windows"] = len(windows)
+    return out
+
+
+def servers(book_checkpoint: str, bentoml_home: str) -> dict[str, Server]:
+    py = sys.executable
+    home = {"BENTOML_HOME": bentoml_home}
+    serve = [py, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    return {
+        "bento-batched": Server("bento-batched", serve, "/readyz", {**home}),
+        "bento-unbatched": Server("bento-unbatched", serve, "/readyz", {**home, "MNIST_BATCHING": "0"}),
+        "book-flask": Server(
+            "book-flask",
+            [py, "-m", "bench.book_server", "--checkpoint", book_checkpoint, "--port", "{port}"],
+            "/health",
+        ),
+        "bento-noop": Server("bento-noop", [*serve, "bench.noop_service:Noop"], "/readyz", {**home}),
+    }

@@ -1,0 +1,152 @@
+"""``python -m bench.run [--quick]``: training, in-process inference and HTTP serving, measured in one run.
+
+Writes bench/results/latest.{json,md}, http.png and inference.png, and docs/benchmarks.md. Figures are
+medians over repeated windows; comparisons are ratios measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench import http, inference, train_speed
+from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DOC = REPO / "docs" / "benchmarks.md"
+BOOK = REPO.parent / "shared" / "book" / "convnet.pth"
+
+
+def machine() -> str:
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
+        f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+    )
+
+
+def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: np.ndarray) -> dict:
+    one_png, ctype1 = http.multipart([("images", "digit.png", http.png(images[0]), "image/png")])
+    many, ctype64 = http.multipart([("images", f"{i}.png", http.png(images[i]), "image/png") for i in range(64)])
+    book_body, book_ctype = http.multipart(
+        [
+            ("data", "blob", x_norm[0].astype(np.float32).tobytes(), "application/octet-stream"),
+            ("metadata", "metadata.json", json.dumps({"dims": [1, 28, 28]}).encode(), "application/json"),
+        ]
+    )
+    plan = {  # server -> [(scenario, path, body, content type, images per request)]
+        "bento-batched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
+        "bento-unbatched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
+        "book-flask": [("png1", "/test", book_body, book_ctype, 1)],
+        "bento-noop": [("png1", "/noop", b"{}", "application/json", 1)],
+    }
+    rows, memory = [], {}
+    steps = sum(len(s) for s in plan.values()) * len(cfg["concurrency"])
+    bar = tqdm(total=steps, desc="http", unit="point", disable=None)
+    for name, server in http.servers(checkpoint, home).items():
+        with server:
+            for scenario, path, body, ctype, per_request in plan[name]:
+                for c in cfg["concurrency"]:
+                    http.wrk(server.url + path, body, ctype, c, 1)  # warm-up
+                    windows = [
+                        http.wrk(server.url + path, body, ctype, c, cfg["window_s"]) for _ in range(cfg["windows"])
+                    ]
+                    row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(windows)}
+                    row["images_per_s"] = row["requests_per_s"] * per_request
+                    rows.append(row)
+                    bar.update()
+            if name == "bento-batched":
+                before = server.rss_mb()
+                http.wrk(server.url + "/predict", one_png, ctype1, 64, cfg["memory_s"])
+                memory = {"rss_mb_before": before, "rss_mb_after": server.rss_mb(), "seconds": cfg["memory_s"]}
+    bar.close()
+    return {"rows": rows, "memory": memory}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short windows and fewer points (about 3 minutes)")
+    p.add_argument("--checkpoint", default=None, help="default: artifacts/convnet.pt, else the book's weights")
+    p.add_argument("--skip-training", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cfg = (
+        {
+            "concurrency": [1, 64],
+            "window_s": 3,
+            "windows": 1,
+            "memory_s": 10,
+            "train_limit": 10_000,
+            "inf_windows": 3,
+            "inf_window_s": 0.2,
+        }
+        if args.quick
+        else {
+            "concurrency": [1, 8, 32, 64],
+            "window_s": 5,
+            "windows": 3,
+            "memory_s": 60,
+            "train_limit": None,
+            "inf_windows": 5,
+            "inf_window_s": 0.5,
+        }
+    )
+    checkpoint = args.checkpoint or str(
+        REPO / "artifacts" / "convnet.pt" if (REPO / "artifacts" / "convnet.pt").is_file() else BOOK
+    )
+    started = time.perf_counter()
+    result = {
+        "machine": machine(),
+        "quick": args.quick,
+        "checkpoint": checkpoint,
+        "config": cfg,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    if not args.skip_training:
+        result["training"] = train_speed.measure(epochs=1, limit=cfg["train_limit"])
+
+    images, _ = load_mnist(resolve_data_dir(), train=False)
+    x_norm = to_model_input(images[:512], Normalization()).numpy()
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["BENTOML_HOME"] = home
+        from export.build import ExportConfig, build
+
+        export_dir = Path(home) / "export"
+        build(ExportConfig(checkpoint=checkpoint, out=str(export_dir), int8=not args.quick))
+        result["inference"] = inference.measure(export_dir, x_norm, cfg["inf_windows"], cfg["inf_window_s"])
+        result["http"] = run_http(cfg, checkpoint, home, images[:64].numpy(), x_norm)
+    result["seconds"] = time.perf_counter() - started
+
+    from bench.report import write_all
+
+    write_all(result, RESULTS, DOC)
+    print(f"wrote {RESULTS}/latest.json, latest.md, http.png, inference.png and {DOC} in {result['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
