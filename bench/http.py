@@ -152,6 +152,22 @@ def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> 
     }
 
 
+def settle(url: str, quiet_ms: float = 20, limit_s: float = 30) -> None:
+    """Wait until the server answers a trivial request quickly: wrk abandons requests still in flight when
+    a window ends, and the server finishing them must not eat into the next window."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        try:
+            httpx.get(url, timeout=limit_s)
+        except httpx.HTTPError:
+            pass
+        if (time.perf_counter() - t0) * 1000 < quiet_ms:
+            time.sleep(0.3)
+            return
+        time.sleep(0.2)
+
+
 def median_of(windows: list[dict]) -> dict:
     keys = ("requests_per_s", "p50_ms", "p90_ms", "p99_ms")
     out = {k: statistics.median(w[k] for w in windows) for k in keys}

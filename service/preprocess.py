@@ -87,9 +87,14 @@ def _shrink(gray: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
+_OTSU_BINS = 64
+_OTSU_CENTERS = (np.arange(_OTSU_BINS) + 0.5) / _OTSU_BINS
+
+
 def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=64, range=(0.0, 1.0))
-    centers = (edges[:-1] + edges[1:]) / 2
+    """Otsu's threshold of values in 0..1 (64 bins; bincount is several times faster than np.histogram)."""
+    hist = np.bincount(np.minimum((values * _OTSU_BINS).astype(np.int32), _OTSU_BINS - 1).ravel(), minlength=_OTSU_BINS)
+    centers = _OTSU_CENTERS
     weight0 = np.cumsum(hist)
     weight1 = weight0[-1] - weight0
     mean0 = np.cumsum(hist * centers) / np.maximum(weight0, 1)
@@ -119,10 +124,11 @@ def _digit_mask(ink: np.ndarray) -> np.ndarray:
 def mnist_style(gray: np.ndarray) -> np.ndarray:
     """A grayscale image (0..1, any size) -> 28x28 float32 in 0..1, white digit on black, MNIST-centred."""
     gray = _shrink(np.nan_to_num(np.asarray(gray, dtype=np.float32)).clip(0.0, 1.0))
-    if float(np.median(gray)) > 0.5:  # most of the picture is light: dark ink on paper or a white canvas
+    low, median, high = np.percentile(gray, (0.5, 50, 99.5))
+    if median > 0.5:  # most of the picture is light: dark ink on paper or a white canvas
         gray = 1.0 - gray
-    background = float(np.median(gray))
-    peak = float(np.percentile(gray, 99.5))
+        low, median, high = 1.0 - high, 1.0 - median, 1.0 - low
+    background, peak = float(median), float(high)
     if peak - background < 0.05:
         return np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)  # nothing drawn: a blank answer, not an error
     gray = ((gray - background) / (peak - background)).clip(0.0, 1.0)
