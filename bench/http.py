@@ -3,6 +3,7 @@ the book's Flask server and a BentoML endpoint that does nothing."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,13 +157,18 @@ def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> 
 def settle(url: str, quiet_ms: float = 20, limit_s: float = 30) -> None:
     """Wait until the server answers a trivial request quickly: wrk abandons requests still in flight when
     a window ends, and the server finishing them must not eat into the next window."""
+    parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         t0 = time.perf_counter()
-        try:
-            httpx.get(url, timeout=limit_s)
-        except httpx.HTTPError:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit_s)
+        try:  # the standard library's client: httpx builds an SSL context per call, which is slower than quiet_ms
+            conn.request("GET", parts.path)
+            conn.getresponse().read()
+        except OSError:
             pass
+        finally:
+            conn.close()
         if (time.perf_counter() - t0) * 1000 < quiet_ms:
             time.sleep(0.3)
             return

@@ -7,10 +7,13 @@ medians over repeated windows; comparisons are ratios measured in the same run o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
+import signal
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -66,22 +69,32 @@ def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: 
     rows, memory = [], {}
     steps = sum(len(s) for s in plan.values()) * len(cfg["concurrency"])
     bar = tqdm(total=steps, desc="http", unit="point", disable=None)
-    for name, server in http.servers(checkpoint, home).items():
-        with server:
-            for scenario, path, body, ctype, per_request in plan[name]:
-                for c in cfg["concurrency"]:
-                    http.wrk(server.url + path, body, ctype, c, 1)  # warm-up
-                    windows = [
-                        http.wrk(server.url + path, body, ctype, c, cfg["window_s"]) for _ in range(cfg["windows"])
-                    ]
-                    row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(windows)}
+    # All servers run at once and each window visits them in turn: this machine's CPU share drifts over
+    # minutes, and interleaving keeps the comparisons (ratios) fair even when absolute numbers move.
+    with contextlib.ExitStack() as stack:
+        live = {name: stack.enter_context(server) for name, server in http.servers(checkpoint, home).items()}
+        for scenario in ("png1", "png64"):
+            targets = [(name, *step) for name, steps_ in plan.items() for step in steps_ if step[0] == scenario]
+            for c in cfg["concurrency"]:
+                windows: dict[str, list[dict]] = {name: [] for name, *_ in targets}
+                # 64-image requests take tens of ms each: longer windows, so that a window holds many of them
+                for name, _, path, body, ctype, _per_request in targets:
+                    http.wrk(live[name].url + path, body, ctype, min(c, 8), 1)  # warm-up
+                    http.settle(live[name].url + "/livez")
+                for _ in range(cfg["windows"]):
+                    for name, _, path, body, ctype, per_request in targets:
+                        window = cfg["window_s"] * (2 if per_request > 1 else 1)
+                        windows[name].append(http.wrk(live[name].url + path, body, ctype, c, window))
+                        http.settle(live[name].url + "/livez")
+                for name, *_, per_request in targets:
+                    row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(windows[name])}
                     row["images_per_s"] = row["requests_per_s"] * per_request
                     rows.append(row)
                     bar.update()
-            if name == "bento-batched":
-                before = server.rss_mb()
-                http.wrk(server.url + "/predict", one_png, ctype1, 64, cfg["memory_s"])
-                memory = {"rss_mb_before": before, "rss_mb_after": server.rss_mb(), "seconds": cfg["memory_s"]}
+        batched = live["bento-batched"]
+        before = batched.rss_mb()
+        http.wrk(batched.url + "/predict", one_png, ctype1, 64, cfg["memory_s"])
+        memory = {"rss_mb_before": before, "rss_mb_after": batched.rss_mb(), "seconds": cfg["memory_s"]}
     bar.close()
     return {"rows": rows, "memory": memory}
 
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="default: artifacts/convnet.pt, else the book's weights")
     p.add_argument("--skip-training", action="store_true")
     args = p.parse_args(argv)
+    # a SIGTERM (timeout, Ctrl-C in make) unwinds the servers' context managers instead of orphaning them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = (
         {
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "windows": 1,
             "memory_s": 10,
             "train_limit": 10_000,
+            "train_rounds": 2,
             "inf_windows": 3,
             "inf_window_s": 0.2,
         }
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "windows": 3,
             "memory_s": 60,
             "train_limit": None,
+            "train_rounds": 3,
             "inf_windows": 5,
             "inf_window_s": 0.5,
         }
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if not args.skip_training:
-        result["training"] = train_speed.measure(epochs=1, limit=cfg["train_limit"])
+        result["training"] = train_speed.measure(epochs=1, limit=cfg["train_limit"], rounds=cfg["train_rounds"])
 
     images, _ = load_mnist(resolve_data_dir(), train=False)
     x_norm = to_model_input(images[:512], Normalization()).numpy()

@@ -22,22 +22,29 @@ from training.data import resolve_data_dir
 from training.train import TrainConfig, train
 
 
-def measure(epochs: int, limit: int | None, device: str = "cpu", data_dir: str | None = None) -> dict:
+def measure(epochs: int, limit: int | None, device: str = "cpu", data_dir: str | None = None, rounds: int = 1) -> dict:
+    """``rounds`` alternations of the book's loop and ours: this machine's CPU share drifts, and alternating
+    keeps the ratio fair. Seconds are per epoch, medians over every epoch of every round."""
     root = str(resolve_data_dir(data_dir))
-    book = run_book_training(root, epochs=epochs, limit=limit, device=device)
-    with tempfile.TemporaryDirectory() as out:
-        ours = train(TrainConfig(epochs=epochs, limit=limit, data_dir=root, out=out, device=device)).metrics
-    ours_epochs = [h["epoch_seconds"] for h in ours["history"]]
-    book_median, ours_median = statistics.median(book["epoch_seconds"]), statistics.median(ours_epochs)
+    book_epochs, ours_epochs, ratios = [], [], []
+    for _ in range(rounds):
+        book = run_book_training(root, epochs=epochs, limit=limit, device=device)
+        with tempfile.TemporaryDirectory() as out:
+            ours = train(TrainConfig(epochs=epochs, limit=limit, data_dir=root, out=out, device=device)).metrics
+        book_epochs += book["epoch_seconds"]
+        ours_epochs += [h["epoch_seconds"] for h in ours["history"]]
+        ratios.append(statistics.median(book["epoch_seconds"]) / statistics.median(ours_epochs[-epochs:]))
+    book_median, ours_median = statistics.median(book_epochs), statistics.median(ours_epochs)
     return {
         "device": device,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": str(torch.__version__),
         "epochs": epochs,
         "train_samples": ours["train_samples"],
-        "book": {"epoch_seconds": book["epoch_seconds"], "test_accuracy": book["test_accuracy"]},
+        "book": {"epoch_seconds": book_epochs, "test_accuracy": book["test_accuracy"]},
         "ours": {"epoch_seconds": ours_epochs, "test_accuracy": ours["test_accuracy"]},
         "speedup": book_median / ours_median,
+        "round_speedups": ratios,
     }
 
 
@@ -47,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two loops this many times")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    result = measure(args.epochs, args.limit, args.device, args.data_dir)
+    result = measure(args.epochs, args.limit, args.device, args.data_dir, args.rounds)
     b, o = result["book"], result["ours"]
     print(
         f"{result['train_samples']} images/epoch on {result['device']}: "

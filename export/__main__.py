@@ -12,6 +12,7 @@ from export.formats import DEFAULT_OPSET
 from export.verify import VerificationError
 from training.checkpoint import CheckpointError
 from training.data import DataError
+from training.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # third-party libraries: warnings only
-    for name in ("training", "export"):
-        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    configure_logging(args.quiet)
     log = logging.getLogger("export")
     try:
         if args.command == "build":

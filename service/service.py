@@ -174,7 +174,7 @@ class MNISTClassifier:
     @bentoml.api(
         route="/predict", batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms
     )
-    def predict(self, images: Annotated[list[Path], AfterValidator(files_to_batch)]) -> list[Prediction]:
+    async def predict(self, images: Annotated[list[Path], AfterValidator(files_to_batch)]) -> list[Prediction]:
         """Classify uploaded images (PNG, JPEG, ...; repeated multipart field `images`), one result each."""
         return self.runtime.predict(images)
 
@@ -184,7 +184,7 @@ class MNISTClassifier:
         max_batch_size=CONFIG.max_batch_size,
         max_latency_ms=CONFIG.max_latency_ms,
     )
-    def predict_array(self, images: Annotated[list, AfterValidator(arrays_to_batch)]) -> list[Prediction]:
+    async def predict_array(self, images: Annotated[list, AfterValidator(arrays_to_batch)]) -> list[Prediction]:
         """Classify 28x28 arrays of intensities in 0..1 (white digit on black, as in MNIST)."""
         return self.runtime.predict(images)
 

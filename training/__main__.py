@@ -8,6 +8,7 @@ import sys
 
 from training.checkpoint import CheckpointError
 from training.data import DataError
+from training.logs import configure_logging
 from training.train import TrainConfig, train
 
 
@@ -65,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # third-party libraries: warnings only
-    for name in ("training", "export"):
-        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    configure_logging(args.quiet)
     try:
         cfg = TrainConfig(
             epochs=args.epochs,
