@@ -1,5 +1,7 @@
 """Level 1: the service class called directly. Level 2: HTTP through Service.to_asgi()."""
 
+import asyncio
+
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_direct_call_predicts_real_digits(classifier, mnist_test):
     images, labels = mnist_test
     batch = normalize(np.stack([img.numpy() / 255.0 for img in images[:32]]), 0.1302, 0.3069)
-    results = classifier.predict(batch)
+    results = asyncio.run(classifier.predict(batch))  # the handler is async, as BentoML calls it
     assert len(results) == 32
     assert sum(r["digit"] == int(y) for r, y in zip(results, labels[:32])) >= 31
     for r in results:
