@@ -36,10 +36,6 @@ class PayloadTooLarge(BentoMLException):
     error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-class UnsupportedMediaType(BentoMLException):
-    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-
-
 def _stored_manifest(tag: str) -> dict:
     """The manifest of the model the service will load; a missing model stops start-up with one line."""
     try:
@@ -161,7 +157,7 @@ class MNISTClassifier:
 
     def __init__(self) -> None:
         self.model_dir = Path(self.model.path)
-        self.manifest = read_manifest(self.model_dir)
+        self.manifest = MANIFEST  # read once at import: the validators need its normalization before any instance
         self.runtime = load_runtime(CONFIG.runtime, self.model_dir, self.manifest, CONFIG.threads_per_worker)
         self._ready = False
         self.runtime.predict(np.zeros((2, 1, 28, 28), dtype=np.float32))  # warm-up: first-call allocations
