@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ class ServiceConfig:
     max_latency_ms: int = 2000  # the cork dispatcher's budget: 503 only when a request would wait longer
     max_images_per_request: int = 64
     max_request_bytes: int = 32 * 1024 * 1024
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> ServiceConfig:
