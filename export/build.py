@@ -115,14 +115,16 @@ def build(cfg: ExportConfig) -> BuildResult:
             int8_speed["batch"],
         )
 
+    cfg_m = ckpt.model_config  # the shapes come from the checkpoint, not re-typed here
+    side = cfg_m.image_size
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model": "mnist-convnet",
         "artifacts": {fmt: _describe(path) for fmt, path in paths.items()},
-        "input": {"name": formats.INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32"},
+        "input": {"name": formats.INPUT_NAME, "shape": ["batch", cfg_m.in_channels, side, side], "dtype": "float32"},
         "output": {
             "name": formats.OUTPUT_NAME,
-            "shape": ["batch", 10],
+            "shape": ["batch", cfg_m.num_classes],
             "dtype": "float32",
             "meaning": "log-probabilities of the digits 0-9",
         },
