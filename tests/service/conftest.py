@@ -31,6 +31,16 @@ def classifier(service_module):
     return service_module.MNISTClassifier()
 
 
+@pytest.fixture(scope="session")
+def http(service_module):
+    """The service's ASGI app in process. One per session: each app registers BentoML's Prometheus metrics,
+    and a second registration in the same process fails."""
+    from starlette.testclient import TestClient
+
+    with TestClient(service_module.MNISTClassifier.to_asgi()) as client:
+        yield client
+
+
 def png_bytes(image_u8: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image_u8, mode="L").save(buf, format="PNG")

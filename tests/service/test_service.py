@@ -1,13 +1,16 @@
 """Level 1: the service class called directly. Level 2: HTTP through Service.to_asgi()."""
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from service.preprocess import normalize
-from tests.conftest import BOOK_IMAGE
+from tests.conftest import BOOK_IMAGE, REPO
 from tests.service.conftest import png_bytes
 
 pytestmark = pytest.mark.slow
@@ -47,12 +50,6 @@ def test_validators_reject_before_batching(service_module):
 
 
 # ---- level 2: HTTP through to_asgi() ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def http(service_module):
-    with TestClient(service_module.MNISTClassifier.to_asgi()) as client:
-        yield client
-
-
 def test_http_predict_multipart(http, mnist_test):
     images, labels = mnist_test
     files = [("images", (f"d{i}.png", png_bytes(images[i].numpy()), "image/png")) for i in range(5)]
@@ -87,6 +84,13 @@ BIG = 2 * 28 * 28
         ("/predict", dict(files=[("images", ("x.png", b"", "image/png"))]), 400, "empty"),
         ("/predict", dict(files=[("other", ("x.png", b"abc", "image/png"))]), 400, "images"),
         ("/predict", dict(json={"images": []}), 415, "multipart/form-data"),
+        (  # BentoML would fetch a text part as a URL (and answer 500 when it is not one)
+            "/predict",
+            dict(files=[("images", ("a.png", b"abc", "image/png"))], data={"images": "http://127.0.0.1:9/x.png"}),
+            400,
+            "text, not a file",
+        ),
+        ("/predict", dict(content=b"--zz\r\n", headers={"content-type": "multipart/form-data"}), 400, "boundary"),
         ("/predict_array", dict(json={"images": [[[0.5] * 27] * 28]}), 400, "shape"),
         ("/predict_array", dict(json={"images": []}), 400, "no images"),
         ("/predict_array", dict(json={"images": [[[2.0] * 28] * 28]}), 400, "0..1"),
@@ -127,10 +131,68 @@ def test_http_decompression_bomb_is_413(http):
     assert resp.status_code == 413 and "limit" in resp.text
 
 
+def test_http_chunked_body_over_the_limit_is_413(http, service_module):
+    """No Content-Length to check up front: the guard counts the bytes as they arrive."""
+    limit = service_module.CONFIG.max_request_bytes
+
+    def chunks():
+        yield b'--zz\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+        for _ in range(limit // 2**20 + 1):
+            yield b"x" * 2**20
+        yield b"\r\n--zz--\r\n"
+
+    resp = http.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert resp.status_code == 413 and f"limit of {limit} bytes" in resp.text
+
+
 def test_http_too_many_files_is_413(http, mnist_test):
     data = png_bytes(mnist_test[0][0].numpy())
     resp = http.post("/predict", files=[("images", (f"{i}.png", data, "image/png")) for i in range(65)])
     assert resp.status_code == 413
+
+
+def test_http_upload_spooled_to_disk_is_read(http, mnist_test):
+    """Starlette keeps uploads over 1 MB in a temp file rather than memory; those are read from there."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    images, labels = mnist_test
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("padding", "x" * 1_500_000)
+    buf = io.BytesIO()
+    Image.fromarray(images[7].numpy(), mode="L").save(buf, format="PNG", pnginfo=meta)
+    assert len(buf.getvalue()) > 1_400_000
+    resp = http.post("/predict", files=[("images", ("big.png", buf.getvalue(), "image/png"))])
+    assert resp.status_code == 200, resp.text
+    assert resp.json()[0]["digit"] == int(labels[7])
+
+
+def test_openapi_still_describes_file_uploads(http):
+    """The in-memory upload path keeps BentoML's schema: a multipart list of binary files, JSON results."""
+    spec = http.get("/docs.json").json()["paths"]["/predict"]["post"]
+    schema = spec["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert "application/json" in spec["responses"]["200"]["content"]
+    assert "images" in str(schema) and "binary" in str(http.get("/docs.json").text)
+
+
+def test_batching_switch(service_module):
+    """MNIST_BATCHING=0 really serves each request on its own (the benchmarks compare both)."""
+    probe = (
+        "import service.service as s, json; "
+        "print(json.dumps([s.MNISTClassifier.apis[n].batchable for n in ('predict', 'predict_array')]))"
+    )
+    for value, expected in (("0", [False, False]), ("1", [True, True])):
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={**os.environ, "MNIST_BATCHING": value},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 
 # ---- runtimes ---------------------------------------------------------------------------------------------
