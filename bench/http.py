@@ -71,6 +71,7 @@ class Server:
     argv: list[str]
     ready_path: str
     env: dict = field(default_factory=dict)
+    cwd: Path = REPO  # where `bentoml serve` finds bentofile.yaml and the service
     proc: subprocess.Popen | None = None
     port: int = 0
 
@@ -80,7 +81,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             argv,
-            cwd=REPO,
+            cwd=self.cwd,
             env={**os.environ, **self.env},
             stdout=self.log,
             stderr=subprocess.STDOUT,

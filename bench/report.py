@@ -65,14 +65,21 @@ def markdown(result: dict) -> str:
     unb, noop = get.get(("bento-unbatched", "png1")), get.get(("bento-noop", "png1"))
     many = get.get(("bento-batched", "png64"))
     onnx_ceiling = max((r["images_per_s"] for r in inf if r["format"] == "onnx"), default=None)
+    ratio = ours["requests_per_s"] / book["requests_per_s"]
     out.append(
         f"\nAt {top} clients, one image per request: batched service {ours['requests_per_s']:,.0f} req/s, "
-        f"{ours['requests_per_s'] / book['requests_per_s']:.2f}x the book's Flask server "
+        f"{ratio:.2f}x the book's Flask server "
         f"(p99 {ours['p99_ms']:.0f} ms against {book['p99_ms']:.0f} ms), "
         f"{ours['requests_per_s'] / unb['requests_per_s']:.2f}x the same service unbatched, "
         f"{ours['requests_per_s'] / noop['requests_per_s']:.0%} of BentoML's do-nothing endpoint "
         f"({noop['requests_per_s']:,.0f} req/s)."
     )
+    checks = [
+        ("at least 2x the book's throughput", ratio >= 2),
+        ("zero errors", ours["errors"] == 0),
+        ("a lower p99 than the book's", ours["p99_ms"] < book["p99_ms"]),
+    ]
+    out.append("Targets: " + "; ".join(f"{name}: {'met' if ok else '**not met**'}" for name, ok in checks) + ".")
     if many and onnx_ceiling:
         out.append(
             f"With 64 images per request: {many['images_per_s']:,.0f} images/s, "
@@ -81,8 +88,17 @@ def markdown(result: dict) -> str:
     if m := result["http"].get("memory"):
         out.append(
             f"\nMemory: the batched server's RSS (all processes) was {m['rss_mb_before']:.0f} MiB before and "
-            f"{m['rss_mb_after']:.0f} MiB after {m['seconds']} s at {top} clients."
+            f"{m['rss_mb_after']:.0f} MiB after {m['seconds']} s at {top} clients "
+            f"({m['rss_mb_after'] / m['rss_mb_before'] - 1:+.1%})"
+            + (
+                f"; every 5 s during the run: {', '.join(f'{v:.0f}' for v in m['rss_mb_samples'])} MiB."
+                if m.get("rss_mb_samples")
+                else "."
+            )
         )
+    out.append(
+        "\nWhat these numbers changed in the service, and how each change was measured: [performance.md](performance.md)."
+    )
     out.append("\n![HTTP](../bench/results/http.png)\n![inference](../bench/results/inference.png)\n")
     return "\n".join(out) + "\n"
 

@@ -51,6 +51,20 @@ def machine() -> str:
     )
 
 
+def measure_memory(server: http.Server, body: bytes, ctype: str, seconds: int) -> dict:
+    """RSS of all the server's processes before, every 5 s during, and after a sustained run at 64 clients."""
+    import threading
+
+    before = server.rss_mb()
+    load = threading.Thread(target=http.wrk, args=(server.url + "/predict", body, ctype, 64, seconds))
+    load.start()
+    samples = []
+    while load.is_alive():
+        load.join(timeout=5)
+        samples.append(round(server.rss_mb(), 1))
+    return {"rss_mb_before": before, "rss_mb_after": server.rss_mb(), "rss_mb_samples": samples, "seconds": seconds}
+
+
 def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: np.ndarray) -> dict:
     one_png, ctype1 = http.multipart([("images", "digit.png", http.png(images[0]), "image/png")])
     many, ctype64 = http.multipart([("images", f"{i}.png", http.png(images[i]), "image/png") for i in range(64)])
@@ -91,10 +105,7 @@ def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: 
                     row["images_per_s"] = row["requests_per_s"] * per_request
                     rows.append(row)
                     bar.update()
-        batched = live["bento-batched"]
-        before = batched.rss_mb()
-        http.wrk(batched.url + "/predict", one_png, ctype1, 64, cfg["memory_s"])
-        memory = {"rss_mb_before": before, "rss_mb_after": batched.rss_mb(), "seconds": cfg["memory_s"]}
+        memory = measure_memory(live["bento-batched"], one_png, ctype1, cfg["memory_s"])
     bar.close()
     return {"rows": rows, "memory": memory}
 

@@ -1,0 +1,128 @@
+"""``python -m bench.ab``: a focused A/B of HTTP serving, for checking one change; ``make bench`` is the full run.
+
+Starts the servers named, all at once, and takes wrk windows from each in turn (the CPU share of this
+machine drifts, so compared windows must alternate), then prints medians as a Markdown table. Besides the
+servers of ``make bench`` (bento-batched, bento-unbatched, book-flask, bento-noop) it can start:
+
+- ``--variant NAME:VAR=VALUE,...``: our service with extra environment (e.g. ``w1:MNIST_WORKERS=1``);
+- ``--ref NAME:GITREF``: our service as it was at a commit, from a temporary ``git worktree``.
+
+Example, this session's changes against the commit before them:
+``python -m bench.ab bento-batched book-flask --ref before:fdafae6 --clients 64 --rounds 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import http
+from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
+
+REPO = Path(__file__).resolve().parent.parent
+BOOK = REPO.parent / "shared" / "book" / "convnet.pth"
+
+
+@contextlib.contextmanager
+def worktree(ref: str):
+    """The repository at ``ref``, checked out in a temporary folder (removed afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), ref], cwd=REPO, check=True, capture_output=True
+        )
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
+
+
+def requests(images) -> dict[str, tuple[str, bytes, str]]:
+    """server kind -> (path, body, content type): one image per request, as in ``make bench``."""
+    one_png, ctype = http.multipart([("images", "digit.png", http.png(images[0].numpy()), "image/png")])
+    x = to_model_input(images[:1], Normalization()).numpy()
+    book_body, book_ctype = http.multipart(
+        [
+            ("data", "blob", x[0].astype(np.float32).tobytes(), "application/octet-stream"),
+            ("metadata", "metadata.json", json.dumps({"dims": [1, 28, 28]}).encode(), "application/json"),
+        ]
+    )
+    return {
+        "ours": ("/predict", one_png, ctype),
+        "book-flask": ("/test", book_body, book_ctype),
+        "bento-noop": ("/noop", b"{}", "application/json"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
+    p.add_argument("servers", nargs="*", default=["bento-batched", "book-flask"])
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...")
+    p.add_argument("--ref", action="append", default=[], metavar="NAME:GITREF")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--window", type=int, default=4, help="seconds per wrk window")
+    p.add_argument("--checkpoint", default=str(BOOK), help="the model served by every server")
+    args = p.parse_args(argv)
+
+    images, _ = load_mnist(resolve_data_dir(), train=False)
+    bodies = requests(images[:1])
+    with tempfile.TemporaryDirectory() as home, contextlib.ExitStack() as stack:
+        from export.build import ExportConfig, build
+
+        os.environ["BENTOML_HOME"] = home
+        build(ExportConfig(checkpoint=args.checkpoint, out=str(Path(home) / "export"), int8=False))
+        known = http.servers(args.checkpoint, home)
+        servers = {}
+        for name in args.servers:
+            if name not in known:
+                p.error(f"unknown server {name!r}; known: {', '.join(known)}")
+            servers[name] = known[name]
+        serve = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+        for spec in args.variant:
+            name, _, assignments = spec.partition(":")
+            env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+            servers[name] = http.Server(name, serve, "/readyz", {"BENTOML_HOME": home, **env})
+        for spec in args.ref:
+            name, _, ref = spec.partition(":")
+            tree = stack.enter_context(worktree(ref))
+            servers[name] = http.Server(name, serve, "/readyz", {"BENTOML_HOME": home}, cwd=tree)
+        live = {name: stack.enter_context(server) for name, server in servers.items()}
+
+        def request_for(name: str) -> tuple[str, bytes, str]:
+            return bodies[name] if name in bodies else bodies["ours"]
+
+        def ready_path(name: str) -> str:
+            return "/health" if name == "book-flask" else "/livez"
+
+        windows: dict[str, list[dict]] = {name: [] for name in live}
+        for name, server in live.items():
+            path, body, ctype = request_for(name)
+            http.wrk(server.url + path, body, ctype, min(args.clients, 8), 1)  # warm-up
+            http.settle(server.url + ready_path(name))
+        for _ in range(args.rounds):
+            for name, server in live.items():
+                path, body, ctype = request_for(name)
+                windows[name].append(http.wrk(server.url + path, body, ctype, args.clients, args.window))
+                http.settle(server.url + ready_path(name))
+    print(f"\n{args.clients} clients, one image per request, medians of {args.rounds} windows of {args.window} s\n")
+    print("| server | req/s | p50 ms | p90 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- | --- |")
+    for name, ws in windows.items():
+        m = http.median_of(ws)
+        print(
+            f"| {name} | {m['requests_per_s']:,.0f} | {m['p50_ms']:.1f} | {m['p90_ms']:.1f} | {m['p99_ms']:.1f} | "
+            f"{m['errors']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
