@@ -63,7 +63,7 @@ def markdown(result: dict) -> str:
     get = {(r["server"], r["scenario"]): r for r in h if r["concurrency"] == top}
     ours, book = get.get(("bento-batched", "png1")), get.get(("book-flask", "png1"))
     unb, noop = get.get(("bento-unbatched", "png1")), get.get(("bento-noop", "png1"))
-    many = get.get(("bento-batched", "png64"))
+    many, many_unb = get.get(("bento-batched", "png64")), get.get(("bento-unbatched", "png64"))
     onnx_ceiling = max((r["images_per_s"] for r in inf if r["format"] == "onnx"), default=None)
     ratio = ours["requests_per_s"] / book["requests_per_s"]
     out.append(
@@ -83,7 +83,12 @@ def markdown(result: dict) -> str:
     if many and onnx_ceiling:
         out.append(
             f"With 64 images per request: {many['images_per_s']:,.0f} images/s, "
-            f"{many['images_per_s'] / onnx_ceiling:.0%} of in-process ONNX Runtime's best ({onnx_ceiling:,.0f} images/s)."
+            f"{many['images_per_s'] / onnx_ceiling:.0%} of in-process ONNX Runtime's best ({onnx_ceiling:,.0f} images/s)"
+            + (
+                f"; unbatched {many_unb['images_per_s']:,.0f} images/s, {many_unb['images_per_s'] / onnx_ceiling:.0%}."
+                if many_unb
+                else "."
+            )
         )
     if m := result["http"].get("memory"):
         out.append(

@@ -3,9 +3,9 @@ each request once it is answered.
 
 BentoML 1.4's ``TimeoutMiddleware`` schedules ``loop.call_later(timeout, ...)`` for every request and never
 cancels it. The timer keeps the request's context (its tracing span and more, about 20 objects) alive for
-the whole timeout, 30 s here: at 1,000 requests/s that is some 600,000 live objects per worker, so the
-RSS climbs for the first ``timeout`` seconds under load and every full garbage collection walks them all
-(70-110 ms pauses about once a second, measured; they were most of the p99 latency).
+the whole timeout, 30 s here: at 1,000 requests/s over two workers that is some 300,000 live objects per
+worker, so the RSS climbs for the first ``timeout`` seconds under load and every full garbage collection
+walks them all (67-114 ms pauses about once a second, measured; they were most of the p99 latency).
 ``install_timeout_fix()`` swaps in a subclass with the same behaviour that cancels its timer when the
 request finishes.
 """
