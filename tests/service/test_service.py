@@ -223,3 +223,14 @@ def test_torchscript_runtime_on_cuda(book_export, test_inputs):
     assert runtime.device == "cuda"
     _, cpu_out = _runtime_outputs("onnx", book_export, batch)
     assert (out.argmax(1) == cpu_out.argmax(1)).mean() >= 0.999
+
+
+def test_predict_input_accepts_paths_and_bytes_as_well(service_module, mnist_test, tmp_path):
+    """In-process callers can hand the API paths or bytes instead of uploads; both reach the same batch."""
+    data = png_bytes(mnist_test[0][0].numpy())
+    (tmp_path / "d.png").write_bytes(data)
+    spec = service_module.MNISTClassifier.apis["predict"].input_spec
+    from_path = spec.model_validate({"images": [tmp_path / "d.png"]}).images
+    from_bytes = spec.model_validate({"images": [data]}).images
+    assert from_path.shape == (1, 1, 28, 28)
+    np.testing.assert_array_equal(from_path, from_bytes)
