@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from bench import http
 from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
@@ -48,19 +44,10 @@ def worktree(ref: str):
 def requests(images, per_request: int = 1) -> dict[str, tuple[str, bytes, str]]:
     """server kind -> (path, body, content type): ``per_request`` PNGs per request to our service, as in
     ``make bench``; the book's server and the no-op always take one."""
-    pngs = [("images", f"{i}.png", http.png(images[i].numpy()), "image/png") for i in range(per_request)]
-    one_png, ctype = http.multipart(pngs)
-    x = to_model_input(images[:1], Normalization()).numpy()
-    book_body, book_ctype = http.multipart(
-        [
-            ("data", "blob", x[0].astype(np.float32).tobytes(), "application/octet-stream"),
-            ("metadata", "metadata.json", json.dumps({"dims": [1, 28, 28]}).encode(), "application/json"),
-        ]
-    )
     return {
-        "ours": ("/predict", one_png, ctype),
-        "book-flask": ("/test", book_body, book_ctype),
-        "bento-noop": ("/noop", b"{}", "application/json"),
+        "ours": ("/predict", *http.png_request(images.numpy(), per_request)),
+        "book-flask": ("/test", *http.book_request(to_model_input(images[:1], Normalization()).numpy()[0])),
+        "bento-noop": ("/noop", *http.NOOP_REQUEST),
     }
 
 
@@ -89,33 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             if name not in known:
                 p.error(f"unknown server {name!r}; known: {', '.join(known)}")
             servers[name] = known[name]
-        serve = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
         for spec in args.variant:
             name, _, assignments = spec.partition(":")
-            env = dict(a.split("=", 1) for a in assignments.split(",") if a)
-            servers[name] = http.Server(name, serve, "/readyz", {"BENTOML_HOME": home, **env})
+            servers[name] = http.bento_server(name, home, dict(a.split("=", 1) for a in assignments.split(",") if a))
         for spec in args.ref:
             name, _, ref = spec.partition(":")
-            tree = stack.enter_context(worktree(ref))
-            servers[name] = http.Server(name, serve, "/readyz", {"BENTOML_HOME": home}, cwd=tree)
+            servers[name] = http.bento_server(name, home, cwd=stack.enter_context(worktree(ref)))
         live = {name: stack.enter_context(server) for name, server in servers.items()}
-
-        def request_for(name: str) -> tuple[str, bytes, str]:
-            return bodies[name] if name in bodies else bodies["ours"]
-
-        def ready_path(name: str) -> str:
-            return "/health" if name == "book-flask" else "/livez"
-
-        windows: dict[str, list[dict]] = {name: [] for name in live}
-        for name, server in live.items():
-            path, body, ctype = request_for(name)
-            http.wrk(server.url + path, body, ctype, min(args.clients, 8), 1)  # warm-up
-            http.settle(server.url + ready_path(name))
-        for _ in range(args.rounds):
-            for name, server in live.items():
-                path, body, ctype = request_for(name)
-                windows[name].append(http.wrk(server.url + path, body, ctype, args.clients, args.window))
-                http.settle(server.url + ready_path(name))
+        loads = {name: (*bodies.get(name, bodies["ours"]), args.window) for name in live}
+        windows = http.interleaved(live, loads, args.clients, args.rounds)
     print(
         f"\n{args.clients} clients, {args.images} PNG(s) per request to our service, "
         f"medians of {args.rounds} windows of {args.window} s\n"

@@ -184,17 +184,57 @@ def median_of(windows: list[dict]) -> dict:
     return out
 
 
+def bento_server(name: str, bentoml_home: str, env: dict | None = None, cwd: Path = REPO, target: str = "") -> Server:
+    """`bentoml serve` from ``cwd`` (our service, unless ``target`` names another), with extra environment."""
+    argv = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    return Server(
+        name, argv + ([target] if target else []), "/readyz", {"BENTOML_HOME": bentoml_home, **(env or {})}, cwd
+    )
+
+
 def servers(book_checkpoint: str, bentoml_home: str) -> dict[str, Server]:
-    py = sys.executable
-    home = {"BENTOML_HOME": bentoml_home}
-    serve = [py, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
     return {
-        "bento-batched": Server("bento-batched", serve, "/readyz", {**home}),
-        "bento-unbatched": Server("bento-unbatched", serve, "/readyz", {**home, "MNIST_BATCHING": "0"}),
+        "bento-batched": bento_server("bento-batched", bentoml_home),
+        "bento-unbatched": bento_server("bento-unbatched", bentoml_home, {"MNIST_BATCHING": "0"}),
         "book-flask": Server(
             "book-flask",
-            [py, "-m", "bench.book_server", "--checkpoint", book_checkpoint, "--port", "{port}"],
+            [sys.executable, "-m", "bench.book_server", "--checkpoint", book_checkpoint, "--port", "{port}"],
             "/health",
         ),
-        "bento-noop": Server("bento-noop", [*serve, "bench.noop_service:Noop"], "/readyz", {**home}),
+        "bento-noop": bento_server("bento-noop", bentoml_home, target="bench.noop_service:Noop"),
     }
+
+
+def png_request(images_u8: np.ndarray, count: int) -> tuple[bytes, str]:
+    """A multipart body for our /predict: the first ``count`` images as PNGs, and its content type."""
+    return multipart([("images", f"{i}.png", png(images_u8[i]), "image/png") for i in range(count)])
+
+
+def book_request(x_norm_image: np.ndarray) -> tuple[bytes, str]:
+    """A body for the book's /test: one normalized image as raw float32 bytes plus JSON dims."""
+    return multipart(
+        [
+            ("data", "blob", x_norm_image.astype(np.float32).tobytes(), "application/octet-stream"),
+            ("metadata", "metadata.json", json.dumps({"dims": [1, 28, 28]}).encode(), "application/json"),
+        ]
+    )
+
+
+NOOP_REQUEST = (b"{}", "application/json")
+
+
+def interleaved(
+    live: dict[str, Server], loads: dict[str, tuple[str, bytes, str, float]], clients: int, rounds: int
+) -> dict[str, list[dict]]:
+    """wrk windows from each server in turn, ``rounds`` times, after a short warm-up of each; ``loads`` maps
+    a server's name to (path, body, content type, window seconds). This machine's CPU share drifts over
+    minutes: windows that alternate keep the comparisons (ratios) fair even when absolute numbers move."""
+    for name, (path, body, ctype, _) in loads.items():
+        wrk(live[name].url + path, body, ctype, min(clients, 8), 1)
+        settle(live[name].url + live[name].ready_path)
+    windows: dict[str, list[dict]] = {name: [] for name in loads}
+    for _ in range(rounds):
+        for name, (path, body, ctype, seconds) in loads.items():
+            windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds))
+            settle(live[name].url + live[name].ready_path)
+    return windows

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -66,41 +65,30 @@ def measure_memory(server: http.Server, body: bytes, ctype: str, seconds: int) -
 
 
 def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: np.ndarray) -> dict:
-    one_png, ctype1 = http.multipart([("images", "digit.png", http.png(images[0]), "image/png")])
-    many, ctype64 = http.multipart([("images", f"{i}.png", http.png(images[i]), "image/png") for i in range(64)])
-    book_body, book_ctype = http.multipart(
-        [
-            ("data", "blob", x_norm[0].astype(np.float32).tobytes(), "application/octet-stream"),
-            ("metadata", "metadata.json", json.dumps({"dims": [1, 28, 28]}).encode(), "application/json"),
-        ]
-    )
+    one_png, ctype1 = http.png_request(images, 1)
+    many, ctype64 = http.png_request(images, 64)
     plan = {  # server -> [(scenario, path, body, content type, images per request)]
         "bento-batched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
         "bento-unbatched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
-        "book-flask": [("png1", "/test", book_body, book_ctype, 1)],
-        "bento-noop": [("png1", "/noop", b"{}", "application/json", 1)],
+        "book-flask": [("png1", "/test", *http.book_request(x_norm[0]), 1)],
+        "bento-noop": [("png1", "/noop", *http.NOOP_REQUEST, 1)],
     }
     rows, memory = [], {}
     steps = sum(len(s) for s in plan.values()) * len(cfg["concurrency"])
     bar = tqdm(total=steps, desc="http", unit="point", disable=None)
-    # All servers run at once and each window visits them in turn: this machine's CPU share drifts over
-    # minutes, and interleaving keeps the comparisons (ratios) fair even when absolute numbers move.
+    # All servers run at once and each window visits them in turn (http.interleaved).
     with contextlib.ExitStack() as stack:
         live = {name: stack.enter_context(server) for name, server in http.servers(checkpoint, home).items()}
         for scenario in ("png1", "png64"):
-            targets = [(name, *step) for name, steps_ in plan.items() for step in steps_ if step[0] == scenario]
+            # 64-image requests take tens of ms each: longer windows, so that a window holds many of them
+            targets = {name: step[1:] for name, steps_ in plan.items() for step in steps_ if step[0] == scenario}
+            loads = {
+                name: (path, body, ctype, cfg["window_s"] * (2 if per_request > 1 else 1))
+                for name, (path, body, ctype, per_request) in targets.items()
+            }
             for c in cfg["concurrency"]:
-                windows: dict[str, list[dict]] = {name: [] for name, *_ in targets}
-                # 64-image requests take tens of ms each: longer windows, so that a window holds many of them
-                for name, _, path, body, ctype, _per_request in targets:
-                    http.wrk(live[name].url + path, body, ctype, min(c, 8), 1)  # warm-up
-                    http.settle(live[name].url + "/livez")
-                for _ in range(cfg["windows"]):
-                    for name, _, path, body, ctype, per_request in targets:
-                        window = cfg["window_s"] * (2 if per_request > 1 else 1)
-                        windows[name].append(http.wrk(live[name].url + path, body, ctype, c, window))
-                        http.settle(live[name].url + "/livez")
-                for name, *_, per_request in targets:
+                windows = http.interleaved(live, loads, c, cfg["windows"])
+                for name, (*_, per_request) in targets.items():
                     row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(windows[name])}
                     row["images_per_s"] = row["requests_per_s"] * per_request
                     rows.append(row)
