@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "checkpoint": checkpoint,
         "config": cfg,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
     if not args.skip_training:

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -141,7 +141,7 @@ def build(cfg: ExportConfig) -> BuildResult:
             "provenance": {k: v for k, v in ckpt.provenance.items() if k != "checkpoint_sha256"},
         },
         "verification": report,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_json_atomically(manifest, out / MANIFEST)
     tag = None

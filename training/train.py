@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -186,7 +186,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "torch": str(torch.__version__),  # a TorchVersion object would not load with weights_only
         "data_sha256": dataset_sha256(root),
         "git_commit": _git_commit(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     train_config = {k: v for k, v in asdict(cfg).items() if k not in ("normalization", "model")}
     ckpt = Checkpoint(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,38 +55,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(book_export, tmp_path_factory):
-    """A real `bentoml serve` process from the project root on a free port, stopped after the session."""
+class Served:
+    """A real `bentoml serve` process from the project root on a free port (see ``serve``)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        """Stop the server (SIGINT: at once; SIGTERM: after its drain) and return its exit code."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig) if sig != signal.SIGTERM else self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+@contextlib.contextmanager
+def serve(log_dir, **env):
+    """`bentoml serve` with extra environment (MNIST_* settings), ready on a free port; stopped afterwards."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    env = {**os.environ, "MNIST_WORKERS": "2", "MNIST_MAX_LATENCY_MS": "2000"}
+    log_path = log_dir / f"serve-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO,
-            env=env,
+            env={**os.environ, **{k: str(v) for k, v in env.items()}},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"bentoml serve not ready in 120 s:\n{log_path.read_text()[-3000:]}")
-    yield url
-    os.killpg(proc.pid, 15)
+    served = Served(proc, port, log_path)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{served.log()[-3000:]}")
+            try:
+                if httpx.get(f"{served.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"bentoml serve not ready in 120 s:\n{served.log()[-3000:]}")
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="session")
+def server(book_export, tmp_path_factory):
+    """A real `bentoml serve` with two workers, shared by the session."""
+    with serve(tmp_path_factory.mktemp("server"), MNIST_WORKERS=2) as served:
+        yield served.url
+
+
+@pytest.fixture(scope="session")
+def small_server(book_export, tmp_path_factory):
+    """One worker with short timeouts and small caps, so that limits can be reached quickly and every request
+    lands on the same worker."""
+    with serve(
+        tmp_path_factory.mktemp("small_server"),
+        MNIST_WORKERS=1,
+        MNIST_BODY_TIMEOUT_S=2,
+        MNIST_HEADER_TIMEOUT_S=2,
+        MNIST_MAX_CONNECTIONS=8,
+        MNIST_DRAIN_S=0,
+    ) as served:
+        yield served

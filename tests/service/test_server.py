@@ -70,12 +70,12 @@ def test_metrics_show_batches_larger_than_one(server, mnist_test):
     text = httpx.get(server + "/metrics").text
     ones = counts = 0.0
     for line in text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_bucket") and 'le="1.0"' in line:
+        if line.startswith("mnist_model_batch_images_bucket") and 'le="1.0"' in line:
             ones += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith("mnist_model_batch_images_count"):
             counts += float(line.rsplit(" ", 1)[1])
-    assert counts > 0, "no adaptive batching metrics at all"
-    assert counts > ones, "every batch held a single request"
+    assert counts > 0, "no batch-size metrics at all"
+    assert counts > ones, "every model call held a single image"
 
 
 def test_bad_input_does_not_take_the_server_down(server):

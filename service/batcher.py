@@ -1,0 +1,276 @@
+"""The one batcher every predict path goes through, and the work processes it feeds.
+
+Dynamic batching with no queue delay, as Triton's dynamic batcher does it: a request goes to a work process at
+once when one is idle; requests that arrive while every process is busy queue, and the next process to finish
+takes all of them (up to ``max_batch_size`` images) as one batch. No timer and no learned estimate decides
+when to dispatch, so a lone request after a burst waits for nothing (BentoML's CorkDispatcher held lone
+requests for an average of past waits that recovered slowly: BentoML PR #3630). The queue is bounded in
+images: past ``max_queue_images`` a request is refused at once with 503 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.errors import RequestError, overloaded
+from service.worker import HEADER, pack, receive, send
+
+log = logging.getLogger("service.batcher")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `python -m service.worker` finds the package
+PYTHONPATH = os.environ.get("PYTHONPATH", "")
+START_TIMEOUT_S = 300  # importing onnxruntime or torch and loading the model, on a slow disk
+
+
+class WorkerFailed(Exception):
+    """A work process could not start, died, or stopped answering."""
+
+
+class WorkProcess:
+    """One work process (service/worker.py) and the socket to it. Starting blocks until it is ready."""
+
+    def __init__(self, init: dict):
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.worker", "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            cwd=PACKAGE_ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), PYTHONPATH]))},
+        )
+        theirs.close()
+        ours.settimeout(START_TIMEOUT_S)
+        try:
+            send(ours, init)
+            reply = receive(ours)
+        except OSError as exc:
+            reply = ("failed", f"no answer ({exc})")
+        if reply is None or reply[0] != "ready":
+            ours.close()
+            self.proc.kill()
+            code = self.proc.wait()
+            raise WorkerFailed(reply[1] if reply else f"the work process exited with code {code} while starting")
+        self.info: dict = reply[1]
+        ours.setblocking(False)
+        self.sock = ours  # the process exits when its end reads end-of-file, after close()
+
+    async def run(self, batch_id: int, jobs: list[tuple]) -> tuple[dict, object]:
+        """One batch there and its answers back. The loop's socket calls keep no state between calls, so an
+        in-process caller may use one event loop after another."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self.sock, b"".join(pack(("batch", batch_id, jobs))))
+            (size,) = HEADER.unpack(await self._read(loop, HEADER.size))
+            _, done_id, answers, stats = pickle.loads(await self._read(loop, size))
+        except (EOFError, ConnectionError) as exc:
+            raise WorkerFailed(f"the work process {self.proc.pid} exited ({type(exc).__name__})") from None
+        assert done_id == batch_id
+        return answers, stats
+
+    async def _read(self, loop: asyncio.AbstractEventLoop, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = await loop.sock_recv_into(self.sock, view[got:])
+            if k == 0:
+                raise EOFError
+            got += k
+        return buf
+
+    def close(self, kill: bool = False) -> None:
+        """Closing the socket tells the process to exit once its batch is done; ``kill`` does not wait."""
+        if kill:
+            self.proc.kill()
+        self.sock.close()
+
+
+@dataclass
+class Pending:
+    job: tuple  # (job id, input kind, payload, want inputs), as service/worker.py takes it
+    images: int  # its weight in the queue and batch bounds (an upper bound where the payload is unparsed)
+    future: asyncio.Future
+    at_once: bool = False
+
+
+@dataclass
+class Counters:
+    """What the batcher did, for tests and metrics: counts, never timings."""
+
+    batches: int = 0
+    at_once: int = 0  # requests that found a process idle and went to it without waiting
+    queued: int = 0  # requests that waited for a process to finish its batch
+    refused: int = 0  # requests refused because the queue was full
+    restarts: int = 0
+    last_batch: list[int] = field(default_factory=list)  # images per request in the latest batch
+
+
+class Batcher:
+    def __init__(self, start: Callable[[], WorkProcess], processes: int, config, metrics=None):
+        self.start, self.config, self.metrics = start, config, metrics
+        self.processes = [start() for _ in range(processes)]  # blocking: runs at service start-up
+        self.idle: deque[WorkProcess] = deque(self.processes)
+        self.queue: deque[Pending] = deque()
+        self.admitted = 0  # images admitted and not answered yet: queued or in a batch
+        self.counters = Counters()
+        self.closing = False
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.processes) and not self.closing
+
+    async def submit(self, kind: str, payload, images: int, want_inputs: bool = False):
+        """The work process's answer for one request: a worker.Done, or the RequestError it raised."""
+        if not self.processes:
+            raise RequestError(503, "unavailable", "no work process is running; retry later", self.config.retry_after_s)
+        if self.admitted and self.admitted + images > self.config.max_queue_images:
+            self.counters.refused += 1
+            raise overloaded(
+                f"{self.admitted} images are queued on this worker and the limit is {self.config.max_queue_images}",
+                self.config.retry_after_s,
+            )
+        future = asyncio.get_running_loop().create_future()
+        pending = Pending((next(self._ids), kind, payload, want_inputs), images, future)
+        self.admitted += images
+        self.queue.append(pending)
+        pending.at_once = bool(self.idle) and len(self.queue) == 1
+        self.counters.at_once += pending.at_once
+        self.counters.queued += not pending.at_once
+        self._dispatch()
+        try:
+            return await pending.future
+        finally:
+            self.admitted -= images
+
+    def _dispatch(self) -> None:
+        while self.idle and self.queue:
+            batch = self._take()
+            if batch:
+                task = asyncio.get_running_loop().create_task(self._run(self.idle.popleft(), batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[Pending]:
+        """Queued requests in order, up to the batch bound in images (at least one request)."""
+        batch, images = [], 0
+        while self.queue:
+            pending = self.queue[0]
+            if pending.future.done():  # its client went away
+                self.queue.popleft()
+                continue
+            if batch and (not self.config.batching or images + pending.images > self.config.max_batch_size):
+                break
+            batch.append(self.queue.popleft())
+            images += pending.images
+        return batch
+
+    async def _run(self, process: WorkProcess, batch: list[Pending]) -> None:
+        self.counters.batches += 1
+        self.counters.last_batch = [p.images for p in batch]
+        started = time.perf_counter()
+        try:
+            answers, stats = await asyncio.wait_for(
+                process.run(next(self._ids), [p.job for p in batch]), self.config.work_timeout_s
+            )
+        except (TimeoutError, WorkerFailed, OSError) as exc:
+            reason = f"ran past {self.config.work_timeout_s:g} s" if isinstance(exc, asyncio.TimeoutError) else exc
+            log.error("work process %s failed on a batch of %d requests: %s", process.proc.pid, len(batch), reason)
+            self._fail(
+                batch,
+                RequestError(
+                    503,
+                    "unavailable",
+                    "the work process handling this request failed and was restarted; retry",
+                    self.config.retry_after_s,
+                ),
+            )
+            self._replace(process)
+            return
+        except Exception:  # a bug on our side of the socket: answer, and start from a clean process
+            log.exception("a batch of %d requests failed", len(batch))
+            self._fail(batch, RequestError(500, "internal", "the server failed to process this request"))
+            self._replace(process)
+            return
+        if self.metrics is not None:
+            self.metrics.observe_batch(stats, time.perf_counter() - started)
+        for pending in batch:
+            answer = answers[pending.job[0]]
+            if not pending.future.done():
+                if isinstance(answer, Exception):
+                    pending.future.set_exception(answer)
+                else:
+                    pending.future.set_result(answer)
+        self.idle.append(process)
+        self._dispatch()
+
+    def _fail(self, batch: list[Pending], error: RequestError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _replace(self, dead: WorkProcess) -> None:
+        dead.close(kill=True)
+        self.processes.remove(dead)
+        self.counters.restarts += 1
+        if self.metrics is not None:
+            self.metrics.restarts.inc()
+        if not self.processes:  # nothing left to run the queue: refuse it now rather than hold it
+            error = RequestError(503, "unavailable", "no work process is running; retry", self.config.retry_after_s)
+            self._fail(list(self.queue), error)
+            self.queue.clear()
+        task = asyncio.get_running_loop().create_task(self._restart())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self) -> None:
+        delay = 0.5
+        while not self.closing:
+            try:
+                process = await asyncio.to_thread(self.start)
+            except WorkerFailed as exc:
+                log.error("restarting a work process failed (%s); next try in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30)
+                continue
+            if self.closing:
+                process.close()
+                return
+            self.processes.append(process)
+            self.idle.append(process)
+            self._dispatch()
+            return
+
+    def close(self) -> None:
+        """Let each process finish its batch and exit."""
+        self.closing = True
+        for process in self.processes:
+            process.close()
+        for process in self.processes:
+            try:
+                process.proc.wait(timeout=self.config.work_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.proc.kill()
+
+
+def start_batcher(model_dir, manifest: dict, config, metrics=None) -> Batcher:
+    """The batcher for one HTTP worker, with ``config.work_procs`` work processes serving the exported model
+    in ``model_dir``. Blocks until they are ready; raises WorkerFailed with the reason when one cannot start."""
+    init = {
+        "model_dir": str(model_dir),
+        "manifest": manifest,
+        "runtime": config.runtime,
+        "normalization": manifest["normalization"],
+        "limits": {f["name"]: f["value"] for f in config.describe()},
+    }
+    return Batcher(lambda: WorkProcess(init), config.work_procs, config, metrics)

@@ -1,0 +1,156 @@
+"""Every setting of the service in one place, read once from the environment.
+
+Each field names its environment variable and says why it has its default; a limit also names the status
+a request gets for crossing it. The README's settings table is tested against this module
+(``tests/service/test_config.py``), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+RUNTIMES = ("onnx", "torchscript")
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting from the environment has a value the service cannot use."""
+
+
+def setting(env: str, default, why: str, status: int | None = None, minimum: float = 1, choices: tuple = ()):
+    """A dataclass field read from ``env``; ``status`` is what a request gets for crossing it (limits only)."""
+    meta = {"env": env, "why": why, "status": status, "minimum": minimum, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Defaults tuned on this project's 2-core machine (numbers in docs/performance.md)."""
+
+    # ---- the model ----
+    model_tag: str = setting("MNIST_MODEL_TAG", "mnist-convnet:latest", "the model in the BentoML model store")
+    runtime: str = setting(
+        "MNIST_RUNTIME", "onnx", "ONNX Runtime needs no torch; torchscript runs on CUDA", choices=RUNTIMES
+    )
+    # ---- processes ----
+    workers: int = setting("MNIST_WORKERS", 2, "HTTP worker processes (BentoML workers), one per core")
+    work_procs: int = setting(
+        "MNIST_WORK_PROCS",
+        1,
+        "processes per worker that decode, preprocess and run the model, off the worker's event loop",
+    )
+    threads_per_worker: int = setting(
+        "MNIST_THREADS", 1, "intra-op threads of each model session, so that processes do not oversubscribe cores"
+    )
+    # ---- batching ----
+    batching: bool = setting(
+        "MNIST_BATCHING", True, "0 runs each request as its own model call (for comparison)", minimum=0
+    )
+    max_batch_size: int = setting(
+        "MNIST_MAX_BATCH_SIZE", 256, "images per model call; a batch takes whatever queued while the model ran"
+    )
+    max_queue_images: int = setting(
+        "MNIST_MAX_QUEUE_IMAGES",
+        4096,
+        "images admitted per worker and not yet answered; past it, 503 with Retry-After (64 clients sending "
+        "64 images each fit)",
+        status=503,
+    )
+    work_timeout_s: float = setting(
+        "MNIST_WORK_TIMEOUT_S",
+        60.0,
+        "a batch still running after this is stuck: its process is restarted and its requests get 503",
+        status=503,
+    )
+    # ---- per-request limits ----
+    max_request_bytes: int = setting(
+        "MNIST_MAX_REQUEST_BYTES", 32 * MiB, "request body size, with or without a Content-Length", status=413
+    )
+    max_images_per_request: int = setting("MNIST_MAX_IMAGES", 64, "images in one request", status=413)
+    max_image_bytes: int = setting("MNIST_MAX_IMAGE_BYTES", 10 * MiB, "one encoded image file", status=413)
+    max_image_pixels: int = setting(
+        "MNIST_MAX_IMAGE_PIXELS", 25_000_000, "one image's width x height, read from its header", status=413
+    )
+    max_request_pixels: int = setting(
+        "MNIST_MAX_REQUEST_PIXELS",
+        64_000_000,
+        "all images of one request together, read from their headers before any is decoded",
+        status=413,
+    )
+    max_jpeg_scans: int = setting(
+        "MNIST_MAX_JPEG_SCANS",
+        32,
+        "scans of one progressive JPEG: each one re-reads the whole image, and its header does not say how "
+        "many follow (libjpeg's own progressive scripts use about 10)",
+        status=413,
+    )
+    # ---- connections and time ----
+    body_timeout_s: float = setting(
+        "MNIST_BODY_TIMEOUT_S", 15.0, "the whole request body must arrive within this after its headers", status=408
+    )
+    header_timeout_s: float = setting(
+        "MNIST_HEADER_TIMEOUT_S",
+        10.0,
+        "a connection must send a complete request head within this (slow or idle clients hold a socket)",
+        status=408,
+    )
+    keep_alive_s: float = setting("MNIST_KEEP_ALIVE_S", 5.0, "an idle keep-alive connection is closed after this")
+    max_connections: int = setting(
+        "MNIST_MAX_CONNECTIONS",
+        2048,
+        "open connections per worker; past it a new connection gets 503 with Retry-After and is closed",
+        status=503,
+    )
+    max_inflight_bytes: int = setting(
+        "MNIST_MAX_INFLIGHT_BYTES",
+        256 * MiB,
+        "request bodies held in memory per worker at once; a body that would pass it gets 503 with Retry-After",
+        status=503,
+    )
+    retry_after_s: int = setting("MNIST_RETRY_AFTER_S", 1, "the Retry-After of every 503")
+    drain_s: float = setting(
+        "MNIST_DRAIN_S",
+        10.0,
+        "after SIGTERM: /readyz answers 503 at once, requests are still served this long, then in-flight "
+        "ones finish and the worker exits",
+        minimum=0,
+    )
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> ServiceConfig:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"], "")
+            if raw.strip():
+                values[f.name] = _parse(f, raw.strip())
+        config = cls(**values)
+        if "workers" not in values:  # one per core, on a machine with fewer cores than the default
+            config = dataclasses.replace(config, workers=min(config.workers, os.cpu_count() or 1))
+        return config
+
+    def describe(self) -> list[dict]:
+        """Each setting with its variable, value, status and reason: for /model_info and the README check."""
+        return [
+            {"name": f.name, "env": f.metadata["env"], "value": getattr(self, f.name), "status": f.metadata["status"]}
+            for f in dataclasses.fields(self)
+        ]
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    env, minimum, choices = f.metadata["env"], f.metadata["minimum"], f.metadata["choices"]
+    kind = type(f.default)
+    if kind is str:
+        value = raw.lower() if choices else raw
+        if choices and value not in choices:
+            raise ConfigError(f"{env} must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+    try:
+        value = float(raw) if kind is float else int(raw)
+    except ValueError:
+        raise ConfigError(f"{env} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{env} must be at least {minimum:g}, got {raw}")
+    return bool(value) if kind is bool else value

@@ -1,0 +1,65 @@
+"""The service's own Prometheus metrics, beside BentoML's on ``/metrics``.
+
+Every label takes values from a small fixed set (endpoint names, status codes, reasons): a client cannot add
+series by sending odd paths. Created once per process, after BentoML has set up its multiprocess registry, so
+that the workers' values are summed on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+ENDPOINTS = ("predict", "predict_array", "model_info", "health", "bentoml", "unknown")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, client, max_batch_size: int):
+        self.requests = client.Counter(
+            name="mnist_http_requests_total",
+            documentation="HTTP requests answered by the service's own routes, by endpoint and status",
+            labelnames=["endpoint", "status"],
+        )
+        self.latency = client.Histogram(
+            name="mnist_http_request_duration_seconds",
+            documentation="Time from a request's headers to its answer, by endpoint",
+            labelnames=["endpoint"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.rejected = client.Counter(
+            name="mnist_rejected_total",
+            documentation="Requests refused, by reason (a fixed set: see service/errors.py)",
+            labelnames=["reason"],
+        )
+        buckets = [2**i for i in range(max_batch_size.bit_length() + 1)]
+        self.batch_images = client.Histogram(
+            name="mnist_model_batch_images",
+            documentation="Images per model call (the batcher's batch sizes)",
+            buckets=buckets,
+        )
+        self.batch_seconds = client.Histogram(
+            name="mnist_batch_seconds",
+            documentation="Time a batch spent in a work process: decoding, preprocessing and the model call",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.decoded = client.Counter(
+            name="mnist_images_decoded_total",
+            documentation="Image files the work processes decoded (a request over its budget decodes none)",
+        )
+        self.restarts = client.Counter(
+            name="mnist_work_process_restarts_total",
+            documentation="Work processes restarted after they died or ran past the work timeout",
+        )
+
+    def observe_batch(self, stats, seconds: float) -> None:
+        if stats.model_images:
+            self.batch_images.observe(stats.model_images)
+        self.batch_seconds.observe(seconds)
+        self.decoded.inc(stats.decoded_images)
+
+
+@functools.cache
+def metrics(max_batch_size: int) -> Metrics:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Metrics(BentoMLContainer.metrics_client.get(), max_batch_size)

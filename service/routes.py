@@ -1,0 +1,78 @@
+"""The HTTP adapters: each way in parses, validates and formats; the work goes to the one batcher.
+
+``POST /predict`` (multipart image files) and ``POST /predict_array`` (JSON arrays) hand the batcher one
+request of N images each; health and model information are answered from the worker's own state, on the event
+loop, so that they answer while the work processes are busy.
+"""
+
+from __future__ import annotations
+
+from service import multipart
+from service.connections import DRAIN
+from service.errors import RequestError
+from service.frontend import Request, Response, Route
+from service.runtime import predictions
+
+MIN_JSON_BYTES_PER_IMAGE = 28 * 28 * 2  # a digit and a comma per pixel: N images need at least N times this
+
+
+def _started(service):
+    if service is None:
+        raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
+    return service
+
+
+def _require_media_type(request: Request, expected: str) -> str:
+    content_type = request.header(b"content-type")
+    kind, _ = multipart.media_type(content_type)
+    if kind != expected:
+        raise RequestError(
+            415, "unsupported", f"{request.scope['path']} expects {expected}, got {content_type or 'no Content-Type'}"
+        )
+    return content_type
+
+
+async def predict(service, request: Request) -> Response:
+    service = _started(service)
+    content_type = _require_media_type(request, "multipart/form-data")
+    multipart.boundary_of(content_type)  # a missing boundary is a 400 before the body is read
+    limit = service.settings.max_images_per_request
+    parts = multipart.parse(await request.body(), content_type, "images", max_parts=limit)
+    done = await service.batcher.submit("encoded", [part.data for part in parts], max(1, len(parts)))
+    return Response.json(predictions(done.log_probs))
+
+
+async def predict_array(service, request: Request) -> Response:
+    service = _started(service)
+    _require_media_type(request, "application/json")
+    body = await request.body()
+    # The body is parsed in a work process; for the queue and batch bounds, count the most images it can hold.
+    bound = min(len(body) // MIN_JSON_BYTES_PER_IMAGE, service.settings.max_images_per_request)
+    done = await service.batcher.submit("json", body, max(1, bound))
+    return Response.json(predictions(done.log_probs))
+
+
+async def model_info(service, request: Request) -> Response:
+    return Response.json(_started(service).info())
+
+
+async def livez(service, request: Request) -> Response:
+    return Response(200, b"\n", b"text/plain; charset=utf-8")
+
+
+async def readyz(service, request: Request) -> Response:
+    if DRAIN.draining:
+        raise RequestError(503, "unavailable", "draining: this worker is shutting down")
+    if service is None or not service.batcher.ready:
+        raise RequestError(503, "unavailable", "not ready: no work process is running yet")
+    return Response(200, b"\n", b"text/plain; charset=utf-8")
+
+
+ROUTES = {
+    "/predict": Route("predict", ("POST",), predict),
+    "/predict_array": Route("predict_array", ("POST",), predict_array),
+    "/model_info": Route("model_info", ("GET", "POST"), model_info),
+    "/livez": Route("health", ("GET", "HEAD"), livez),
+    "/healthz": Route("health", ("GET", "HEAD"), livez),
+    "/readyz": Route("health", ("GET", "HEAD"), readyz),
+}

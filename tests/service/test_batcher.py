@@ -1,0 +1,159 @@
+"""The one batcher and its work processes, in process: real work processes, real ONNX Runtime, real images.
+
+Every assertion is on what the batcher counted or answered, never on a stopwatch."""
+
+import asyncio
+import dataclasses
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from service.batcher import start_batcher
+from service.config import ServiceConfig
+from service.errors import RequestError
+from tests.service.conftest import png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder:
+    """Takes the batcher's metric calls: the images of every model call, in order."""
+
+    def __init__(self):
+        self.model_images = []
+
+    def observe_batch(self, stats, seconds):
+        self.model_images.append(stats.model_images)
+
+
+@pytest.fixture(scope="module")
+def make_batcher(book_export):
+    made = []
+
+    def make(recorder=None, **settings):
+        batcher = start_batcher(book_export.out, book_export.manifest, ServiceConfig(**settings), recorder)
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        batcher.close()
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test):
+    images, labels = mnist_test
+    return [png_bytes(images[i].numpy()) for i in range(64)], labels[:64].tolist()
+
+
+def test_a_lone_request_after_a_burst_is_dispatched_at_once(make_batcher, digits):
+    batcher = make_batcher()
+    files, labels = digits
+
+    async def scenario():
+        burst = await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(64)))
+        after_burst = dataclasses.replace(batcher.counters)
+        lone = await batcher.submit("encoded", [files[0]], 1)
+        return burst, after_burst, lone
+
+    burst, after_burst, lone = asyncio.run(scenario())
+    assert sum(int(d.log_probs.argmax()) == y for d, y in zip(burst, labels)) >= 62
+    assert after_burst.queued > 0, "the burst never queued: it was not a burst"
+    assert after_burst.batches < 64, "the burst was not batched"
+    assert batcher.counters.at_once == after_burst.at_once + 1  # the lone request waited for nothing
+    assert batcher.counters.last_batch == [1]  # and ran alone
+    assert int(lone.log_probs.argmax()) == labels[0]
+
+
+def test_answers_go_to_their_own_requests(make_batcher, digits, mnist_test):
+    batcher = make_batcher()
+    files, labels = digits
+    bad = b"not an image"
+
+    async def scenario():
+        jobs = [batcher.submit("encoded", [files[i], files[i + 1]], 2) for i in range(0, 40, 2)]
+        jobs.insert(7, batcher.submit("encoded", [bad], 1))
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    answers = asyncio.run(scenario())
+    failed = answers.pop(7)
+    assert isinstance(failed, RequestError) and failed.status == 400 and "not an image" in failed.message
+    digits_seen = [int(d) for answer in answers for d in answer.log_probs.argmax(axis=1)]
+    assert sum(a == b for a, b in zip(digits_seen, labels[:40])) >= 39
+
+
+def test_a_full_queue_refuses_at_once_with_retry_after(make_batcher, digits):
+    batcher = make_batcher(max_queue_images=4, retry_after_s=3)
+    files, _ = digits
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit("encoded", files[:4], 4))
+        await asyncio.sleep(0)  # the first request is admitted and holds the whole queue
+        with pytest.raises(RequestError) as refused:
+            await batcher.submit("encoded", files[:1], 1)
+        return await first, refused.value
+
+    first, refused = asyncio.run(scenario())
+    assert refused.status == 503 and refused.reason == "overloaded" and refused.retry_after == 3
+    assert "limit is 4" in refused.message
+    assert len(first.log_probs) == 4
+    assert batcher.counters.refused == 1
+
+
+def test_batches_are_bounded_in_images(make_batcher, digits):
+    recorder = Recorder()
+    batcher = make_batcher(recorder, max_batch_size=8)
+    files, _ = digits
+
+    async def scenario():  # 12 requests of 3 images, all queued while the first runs
+        return await asyncio.gather(*(batcher.submit("encoded", files[:3], 3) for _ in range(12)))
+
+    asyncio.run(scenario())
+    assert recorder.model_images == [3, 6, 6, 6, 6, 6, 3]  # the first alone, then two by two: 9 would pass 8
+
+
+def test_batching_off_runs_each_request_alone(make_batcher, digits):
+    batcher = make_batcher(batching=False)
+    files, _ = digits
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(16)))
+
+    asyncio.run(scenario())
+    assert batcher.counters.batches == 16 and batcher.counters.queued > 0
+
+
+def test_a_dead_work_process_is_replaced(make_batcher, digits):
+    batcher = make_batcher()
+    files, labels = digits
+    victim = batcher.processes[0].proc
+
+    async def scenario():
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        with pytest.raises(RequestError) as failed:
+            await batcher.submit("encoded", [files[0]], 1)
+        while not batcher.processes:  # the restart runs in a thread: wait for it, however long it takes
+            await asyncio.sleep(0.05)
+        return failed.value, await batcher.submit("encoded", [files[1]], 1)
+
+    failed, answer = asyncio.run(scenario())
+    assert failed.status == 503 and "restarted" in failed.message
+    assert batcher.counters.restarts == 1 and batcher.processes[0].proc.pid != victim.pid
+    assert int(answer.log_probs.argmax()) == labels[1]
+
+
+def test_pixel_arrays_and_json_take_the_same_path(make_batcher, mnist_test):
+    batcher = make_batcher()
+    images, labels = mnist_test
+    pixels = (images[:8].numpy() / 255.0).astype(np.float32)
+    body = ('{"images": ' + str(pixels.tolist()) + "}").encode()
+
+    async def scenario():
+        return await asyncio.gather(batcher.submit("pixels", pixels, 8), batcher.submit("json", body, 8))
+
+    from_pixels, from_json = asyncio.run(scenario())
+    np.testing.assert_array_equal(from_pixels.log_probs, from_json.log_probs)
+    assert from_pixels.log_probs.argmax(axis=1).tolist() == labels[:8].tolist()

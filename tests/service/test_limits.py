@@ -1,0 +1,171 @@
+"""The request path's limits against a real `bentoml serve` (one worker, short timeouts, a small connection
+cap): budgets, timeouts, caps, metrics, health while busy, and the drain on SIGTERM. No timing thresholds:
+each test asserts what the server answered, or what it counted."""
+
+import io
+import re
+import secrets
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.conftest import BOOK_IMAGE
+from tests.service.conftest import serve
+
+pytestmark = pytest.mark.slow
+
+
+def big_png(side: int) -> bytes:
+    """A large, cheap-to-send PNG of a 7: a few tens of KB, ``side`` x ``side`` pixels to decode."""
+    img = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(img).line(
+        [(side * 0.3, side * 0.2), (side * 0.7, side * 0.2), (side * 0.45, side * 0.85)], fill=0, width=side // 25
+    )
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples (over workers and labels) in a Prometheus exposition."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(rf"{name}(\{{| )", line))
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 30) -> bytes:
+    """Send ``data`` on a fresh connection, then read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_health_answers_while_a_worker_processes_a_maximal_request(small_server):
+    # 5000x5000 + 5000x5000 + 3700x3700: 63.7 of the 64 megapixels one request may decode
+    files = [("images", (f"{i}.png", big_png(side), "image/png")) for i, side in enumerate((5000, 5000, 3700))]
+    done = threading.Event()
+    result = {}
+
+    def send_big():
+        result["response"] = httpx.post(small_server.url + "/predict", files=files, timeout=300)
+        done.set()
+
+    sender = threading.Thread(target=send_big)
+    sender.start()
+    answered_while_busy = []
+    with httpx.Client(timeout=300) as client:
+        while not done.is_set():
+            statuses = [client.get(small_server.url + path).status_code for path in ("/livez", "/readyz")]
+            if not done.is_set():
+                answered_while_busy.append(statuses)
+    sender.join()
+    assert result["response"].status_code == 200, result["response"].text
+    assert [r["digit"] for r in result["response"].json()] == [7, 7, 7]
+    assert len(answered_while_busy) >= 3, "health checks waited for the big request: the event loop was blocked"
+    assert all(statuses == [200, 200] for statuses in answered_while_busy)
+
+
+def test_a_request_over_its_pixel_budget_is_refused_from_headers(small_server):
+    files = [("images", (f"{i}.png", big_png(5000), "image/png")) for i in range(3)]  # 75 megapixels
+    before = metric(httpx.get(small_server.url + "/metrics").text, "mnist_images_decoded_total")
+    response = httpx.post(small_server.url + "/predict", files=files, timeout=120)
+    assert response.status_code == 413
+    assert "75000000 pixels" in response.text and "limit per request is 64000000" in response.text
+    after = metric(httpx.get(small_server.url + "/metrics").text, "mnist_images_decoded_total")
+    assert after == before  # no image of the request was decoded
+    ok = httpx.post(small_server.url + "/predict", files=[("images", ("b.png", BOOK_IMAGE.read_bytes(), "image/png"))])
+    assert ok.json()[0]["digit"] == 2
+    assert metric(httpx.get(small_server.url + "/metrics").text, "mnist_images_decoded_total") == after + 1
+
+
+def test_a_stalled_body_gets_408(small_server):
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+        b"Content-Length: 100000\r\n\r\n--zz\r\n"
+    )
+    answer = raw_exchange(small_server.port, head)  # and then nothing more
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"did not arrive within 2 s" in answer and b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /livez HTTP/1.1\r\nHost: x\r\n"], ids=["idle", "half a head"])
+def test_a_connection_without_a_complete_request_head_gets_408(small_server, sent):
+    answer = raw_exchange(small_server.port, sent)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"no complete request head within 2 s" in answer
+
+
+def test_past_the_connection_cap_a_new_connection_gets_503_and_retry_after(small_server):
+    held = [socket.create_connection(("127.0.0.1", small_server.port)) for _ in range(8)]  # the worker's cap
+    try:
+        answer = raw_exchange(small_server.port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        for sock in held:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"retry-after: 1" in answer.lower() and b"overloaded" in answer
+    assert httpx.get(small_server.url + "/livez").status_code == 200  # below the cap again
+
+
+def test_unknown_paths_add_no_metric_series(small_server):
+    url = small_server.url
+    httpx.get(f"{url}/no-such-page")  # the one "unknown" series, if it is not there yet
+
+    def series() -> set[str]:
+        return {line.rsplit(" ", 1)[0] for line in httpx.get(url + "/metrics").text.splitlines() if line[:1] != "#"}
+
+    before = series()
+    tokens = [secrets.token_hex(8) for _ in range(40)]
+    for i, token in enumerate(tokens):
+        response = (httpx.get if i % 2 else httpx.post)(f"{url}/{token}/x?{token}")
+        assert response.status_code == 404 and response.json()["error"].startswith("no such path")
+    text = httpx.get(url + "/metrics").text
+    assert not any(token in text for token in tokens)
+    assert series() == before
+
+
+def test_wrong_method_is_405_with_allow(small_server):
+    response = httpx.get(small_server.url + "/predict")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+
+
+def test_sigterm_drains_then_exits(book_export, tmp_path):
+    """/readyz turns 503 at once; requests are still answered during the drain; in-flight ones finish; exit 0."""
+    image = [("images", ("b.png", BOOK_IMAGE.read_bytes(), "image/png"))]
+    with serve(tmp_path, MNIST_WORKERS=1, MNIST_DRAIN_S=3) as served:
+        statuses, stop = [], threading.Event()
+
+        def keep_sending():
+            with httpx.Client(timeout=60) as client:
+                while not stop.is_set():
+                    try:
+                        statuses.append(client.post(served.url + "/predict", files=image).status_code)
+                    except (httpx.ConnectError, httpx.ConnectTimeout):  # never accepted: allowed after the drain
+                        statuses.append("refused")
+                    except httpx.TransportError as exc:  # accepted, then dropped: a lost request
+                        statuses.append(type(exc).__name__)
+
+        with ThreadPoolExecutor(4) as pool:
+            senders = [pool.submit(keep_sending) for _ in range(4)]
+            while len(statuses) < 20:
+                time.sleep(0.05)
+            served.proc.send_signal(signal.SIGTERM)
+            while httpx.get(served.url + "/readyz").status_code != 503:  # the drain has begun
+                assert served.proc.poll() is None, "the server exited instead of draining"
+            answered_after_readyz = len(statuses)
+            while len(statuses) < answered_after_readyz + 10 and served.proc.poll() is None:
+                time.sleep(0.01)
+            served_while_draining = statuses[answered_after_readyz : answered_after_readyz + 10]
+            code = served.proc.wait(timeout=120)
+            stop.set()
+            for sender in senders:
+                sender.result()
+    assert code == 0
+    assert served_while_draining == [200] * 10
+    assert set(statuses) <= {200, "refused"}, [s for s in statuses if s != 200]
