@@ -31,6 +31,8 @@ import uvicorn.config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 
+from service import memory
+
 log = logging.getLogger("service.connections")
 
 
@@ -161,6 +163,7 @@ def install(settings) -> None:
         "service.connections:GuardedProtocol"
     )
     Server.handle_exit = _handle_exit
+    memory.fix_mmap_threshold()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -21,12 +21,14 @@ from pathlib import Path
 
 from _bentoml_sdk.service.factory import Service
 
+from service import memory
 from service.connections import DRAIN
 from service.errors import RequestError, bad_request, overloaded, too_large
 from service.metrics import metrics
 
 log = logging.getLogger("service.frontend")
 JSON = b"application/json"
+RELEASE_DELAY_S = 1.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Request:
         for name, value in scope["headers"]:  # repeated headers: the first wins, as most servers do
             self.headers.setdefault(name, value)
         self.reserved = 0  # bytes of this request's body counted against the worker's in-flight cap
+        self.size = 0  # the body's declared or received size, whether or not it was accepted
         self.close_connection = False  # the body was not read to its end: the connection cannot be reused
 
     def header(self, name: bytes) -> str:
@@ -71,6 +74,7 @@ class Request:
         if declared is not None:
             if not declared.isdigit():
                 raise bad_request("the Content-Length header is not a number")
+            self.size = int(declared)
             if int(declared) > config.max_request_bytes:
                 raise too_large(f"request body is {int(declared)} bytes; the limit is {config.max_request_bytes}")
             self._reserve(int(declared))
@@ -83,6 +87,7 @@ class Request:
                         raise ClientGone()
                     chunk = message.get("body", b"")
                     size += len(chunk)
+                    self.size = max(self.size, size)
                     if size > config.max_request_bytes:
                         raise too_large(f"request body is over the limit of {config.max_request_bytes} bytes")
                     if declared is None:
@@ -130,6 +135,7 @@ class Frontend:
         self.bentoml_paths = bentoml_paths
         self.service = None  # the service instance, once BentoML's lifespan has created it
         self.inflight_bytes = 0
+        self._release_scheduled = False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -172,10 +178,25 @@ class Frontend:
             response = Response.json({"error": "internal server error"}, 500)
         finally:
             self.inflight_bytes -= request.reserved
+            if request.size >= memory.LARGE:
+                self._schedule_release()
         await self._send(response, send, close=request.close_connection or DRAIN.draining)
         m = metrics(self.config.max_batch_size)
         m.requests.labels(route.endpoint, str(response.status)).inc()
         m.latency.labels(route.endpoint).observe(time.perf_counter() - started)
+
+    def _schedule_release(self) -> None:
+        """Give the memory of large bodies back a moment after they are gone (once for a burst of them)."""
+        if not self._release_scheduled:
+            self._release_scheduled = True
+            asyncio.get_running_loop().call_later(RELEASE_DELAY_S, self._release)
+
+    def _release(self) -> None:
+        self._release_scheduled = False
+        if self.inflight_bytes < memory.LARGE:
+            memory.release()
+        else:  # still busy with large bodies: try again later
+            self._schedule_release()
 
     async def _send(self, response: Response, send, close: bool) -> None:
         headers = [

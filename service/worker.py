@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import memory
+
 HEADER = struct.Struct("<Q")
 log = logging.getLogger("service.worker")
 
@@ -126,14 +128,6 @@ class Work:
         return answers, stats
 
 
-def _release_memory() -> None:
-    """Give freed heap back to the system after a large request (glibc keeps it otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-
-
 def _die_with_parent() -> None:
     try:  # Linux: SIGKILL when the HTTP worker that started us dies, however it dies
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -157,7 +151,7 @@ def serve(sock: socket.socket) -> int:
         answers, stats = work.run(jobs)
         send(sock, ("done", batch_id, answers, stats))
         if sum(len(p) for _, kind, p, _ in jobs if kind == "encoded") > 1 << 20 or stats.model_images > 1024:
-            _release_memory()
+            memory.release()
     return 0
 
 
@@ -170,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    memory.fix_mmap_threshold()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [%(levelname)s] [work:{os.getpid()}] %(message)s")
     with socket.socket(fileno=args.fd) as sock:
         try:
