@@ -91,8 +91,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextmanager
 def serve(index: Path) -> Iterator[str]:
-    """Serve the index folder on a free loopback port for the duration of the block; yields its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(index)))
+    """Serve the index folder on loopback for the duration of the block; yields its URL. The port is derived from
+    the folder's name where it is free: the URL is a build argument, and Docker's layer cache keys on it."""
+    handler = partial(_QuietHandler, directory=str(index))
+    preferred = 20000 + int(hashlib.sha256(index.parent.name.encode()).hexdigest(), 16) % 10000
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", preferred), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
