@@ -28,6 +28,8 @@ log = logging.getLogger("deploy")
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_BASE_IMAGE = "mnist-serving/python:3.11-bookworm"  # deploy/base-image.sh's default tag
 UV_VERSION = "0.13.4"  # what BentoML's Dockerfile pip-installs on a base without uv (python:3.11-slim)
+# build arguments that point the build's uv and pip at the host's wheel index; deploy/Dockerfile.template declares them
+INDEX_BUILD_ARGS = ("UV_INDEX_URL", "PIP_INDEX_URL")
 _STEP = re.compile(r"Step \d+/\d+ : (RUN|COPY) .*")
 
 
@@ -146,7 +148,7 @@ def containerize(bento: str, tags: tuple[str, ...], index_url: str, work: Path) 
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DOCKER_BUILDKIT": "0", "TMPDIR": str(tmp)}
     args = ["containerize", bento, "--opt", "network=host", "--opt", "force-rm"]
-    for name in ("UV_INDEX_URL", "PIP_INDEX_URL"):
+    for name in INDEX_BUILD_ARGS:
         args += ["--opt", f"build-arg={name}={index_url}"]
     for tag in tags:
         args += ["--image-tag", tag]
