@@ -58,6 +58,7 @@ bento: export
 # They build on the Debian base deploy/base-image.sh makes here when it is missing (no registry needed);
 # BASE_IMAGE=python:3.11-slim builds on a registry's base instead.
 BASE_IMAGE ?=
+DIGIT_IMAGE ?= ../shared/book/digit_image.jpg
 DEPLOY_BASE := $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
 
 docker-up:
@@ -70,10 +71,10 @@ container-gpu: export docker-up
 	$(PY) -m deploy build --bentofile bentofile.gpu.yaml $(DEPLOY_BASE)
 
 container-test: container
-	$(PY) -m deploy check mnist-classifier:latest
+	$(PY) -m deploy check mnist-classifier:latest --digit-image $(DIGIT_IMAGE)
 
 container-gpu-test: container-gpu
-	$(PY) -m deploy check mnist-classifier-gpu:latest
+	$(PY) -m deploy check mnist-classifier-gpu:latest --digit-image $(DIGIT_IMAGE)
 
 # Benchmarks: not part of `make test`. They need wrk (Debian's package) and the bench extra (Flask, psutil).
 bench-deps: install
