@@ -53,7 +53,8 @@ mmdebstrap --variant=minbase --mode=root --format=tar \
     bookworm "$work/rootfs.tar" \
     "deb $MIRROR bookworm main" \
     "deb $MIRROR bookworm-updates main" \
-    "deb $SECURITY_MIRROR bookworm-security main"
+    "deb $SECURITY_MIRROR bookworm-security main" \
+    >"$work/mmdebstrap.log" 2>&1 || { tail -n 30 "$work/mmdebstrap.log" >&2; die "mmdebstrap failed (its last lines are above)"; }
 
 docker import \
     --change 'ENV LANG=C.UTF-8' \
