@@ -11,6 +11,13 @@ from deploy.container import ContainerConfig, ContainerError, build_image
 from deploy.wheelhouse import WheelhouseError
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deploy", description="Build and check the service's images.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -26,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("image", nargs="?", default=CheckConfig.image, help="default %(default)s")
     c.add_argument("--digit-image", default=CheckConfig.digit_image, help="default the book's digit_image.jpg")
     c.add_argument("--expected-digit", type=int, default=CheckConfig.expected_digit)
-    c.add_argument("--grace", type=int, default=CheckConfig.grace_s, help="docker stop -t, default %(default)s s")
-    c.add_argument("--clients", type=int, default=CheckConfig.clients, help="default %(default)s")
+    c.add_argument(
+        "--grace", type=positive_int, default=CheckConfig.grace_s, help="docker stop -t, default %(default)s s"
+    )
+    c.add_argument("--clients", type=positive_int, default=CheckConfig.clients, help="default %(default)s")
     return p
 
 
