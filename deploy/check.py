@@ -73,10 +73,14 @@ class ContainerRun:
     def __enter__(self) -> ContainerRun:
         self.started = time.monotonic()
         self.id = docker("run", "-d", "--name", self.name, "-p", "127.0.0.1::3000", self.image).stdout.strip()
-        port = docker("port", self.id, "3000/tcp").stdout.split()[0].rsplit(":", 1)[1]
-        self.url = ("127.0.0.1", int(port))
-        ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", self.id)
-        self.direct = (ip.stdout.split()[0], 3000)
+        try:
+            port = docker("port", self.id, "3000/tcp").stdout.split()[0].rsplit(":", 1)[1]
+            ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", self.id)
+        except ContainerError:
+            self.__exit__()
+            raise
+        self.published = ("127.0.0.1", int(port))  # what a user reaches
+        self.direct = (ip.stdout.split()[0], 3000)  # the container's own listener, for the drain clients
         return self
 
     def __exit__(self, *exc) -> None:
@@ -115,7 +119,7 @@ def wait_ready(run: ContainerRun, timeout_s: float) -> float | None:
     """Seconds from `docker run` to the first 200 from /readyz, or None past the deadline."""
     while time.monotonic() - run.started < timeout_s:
         try:
-            if request(run.url, "GET", "/readyz", timeout=2)[0] == 200:
+            if request(run.published, "GET", "/readyz", timeout=2)[0] == 200:
                 return time.monotonic() - run.started
         except (OSError, http.client.HTTPException):
             pass
@@ -124,7 +128,7 @@ def wait_ready(run: ContainerRun, timeout_s: float) -> float | None:
 
 
 def check_predict(run: ContainerRun, cfg: CheckConfig, upload: tuple[bytes, dict]) -> CheckResult:
-    status, body = request(run.url, "POST", "/predict", *upload)
+    status, body = request(run.published, "POST", "/predict", *upload)
     if status != 200:
         return CheckResult("predict", False, f"HTTP {status}: {body[:200]!r}")
     answer = json.loads(body)[0]
@@ -134,14 +138,14 @@ def check_predict(run: ContainerRun, cfg: CheckConfig, upload: tuple[bytes, dict
 
 
 def check_metrics(run: ContainerRun) -> CheckResult:
-    status, body = request(run.url, "GET", "/metrics")
+    status, body = request(run.published, "GET", "/metrics")
     names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE ")}
     served = status == 200 and any(name.startswith("bentoml_") for name in names)
     return CheckResult("metrics", served, f"HTTP {status}, {len(names)} metric families")
 
 
 def check_model_info(run: ContainerRun) -> CheckResult:
-    status, body = request(run.url, "POST", "/model_info", b"{}", {"Content-Type": "application/json"})
+    status, body = request(run.published, "POST", "/model_info", b"{}", {"Content-Type": "application/json"})
     if status != 200:
         return CheckResult("model_info", False, f"HTTP {status}")
     info = json.loads(body)
