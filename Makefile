@@ -15,7 +15,8 @@ TRAIN_ARGS ?=
 MNIST_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),)
 export MNIST_DATA_DIR
 
-.PHONY: install test train export serve bento bench bench-quick lint clean
+.PHONY: install test train export serve bento bench bench-quick lint clean \
+	docker-up container container-gpu container-test container-gpu-test
 
 install: $(VENV)/.installed
 
@@ -52,6 +53,28 @@ serve: export
 
 bento: export
 	$(PY) -m bentoml build
+
+# Containers (README "Deploy"), not part of `make test`: images named after the bento, tagged <version> and latest.
+# They build on the Debian base deploy/base-image.sh makes here when it is missing (no registry needed);
+# BASE_IMAGE=python:3.11-slim builds on a registry's base instead.
+BASE_IMAGE ?=
+DIGIT_IMAGE ?= ../shared/book/digit_image.jpg
+DEPLOY_BASE := $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
+
+docker-up:
+	deploy/docker-up.sh
+
+container: export docker-up
+	$(PY) -m deploy build $(DEPLOY_BASE)
+
+container-gpu: export docker-up
+	$(PY) -m deploy build --bentofile bentofile.gpu.yaml $(DEPLOY_BASE)
+
+container-test: container
+	$(PY) -m deploy check mnist-classifier:latest --digit-image $(DIGIT_IMAGE)
+
+container-gpu-test: container-gpu
+	$(PY) -m deploy check mnist-classifier-gpu:latest --digit-image $(DIGIT_IMAGE)
 
 # Benchmarks: not part of `make test`. They need wrk (Debian's package) and the bench extra (Flask, psutil).
 bench-deps: install

@@ -52,9 +52,17 @@ class OnnxRuntime(Runtime):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        available = ort.get_available_providers()
+        cuda_asked = "CUDAExecutionProvider" in available  # onnxruntime-gpu is installed
+        if cuda_asked and hasattr(ort, "preload_dlls"):
+            # PyPI's onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* packages (the GPU image's) only once
+            # they are preloaded; without this its CUDA provider fails to load libcublasLt.so.12, GPU or not
+            ort.preload_dlls()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.session = ort.InferenceSession(str(model_dir / self.file), options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if cuda_asked and self.device == "cpu":
+            log.warning("onnxruntime-gpu could not start CUDA (no GPU or driver? its message is above): serving on CPU")
         self.input_name = manifest["input"]["name"]
 
     def log_probs(self, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Containers and Kubernetes: `make container`, `make container-test` (README "Deploy")."""
