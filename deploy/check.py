@@ -34,7 +34,7 @@ class CheckConfig:
     digit_image: str = str(BOOK_IMAGE)
     expected_digit: int = 2  # the book's digit_image.jpg is a 2
     ready_timeout_s: float = 30.0
-    # docker stop's grace period: the service's drain (MNIST_DRAIN_SECONDS, 10 s by default) plus its shutdown
+    # docker stop's grace period: the service's drain (MNIST_DRAIN_S, 10 s by default) plus its shutdown
     grace_s: int = 30
     clients: int = 16
     load_before_stop_s: float = 2.0  # steady load before the stop, so requests are in flight when it lands

@@ -87,7 +87,7 @@ def test_grace_period_covers_the_pre_stop_wait_and_the_drain(rendered):
     _, objects = rendered
     sleep = container(objects)["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
-    drain = int(env(objects)["MNIST_DRAIN_SECONDS"])
+    drain = int(env(objects)["MNIST_DRAIN_S"])
     # Kubernetes counts the grace period from the start of preStop; what is left after the drain is for the
     # requests still in flight and the exit
     assert pod_spec(objects)["terminationGracePeriodSeconds"] >= int(sleep[1]) + drain + 10
