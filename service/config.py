@@ -154,3 +154,26 @@ def _parse(f: dataclasses.Field, raw: str):
     if value < minimum:
         raise ConfigError(f"{env} must be at least {minimum:g}, got {raw}")
     return bool(value) if kind is bool else value
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) and value >= MiB and value % MiB == 0:
+        return f"{value // MiB} MiB"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from the fields above (tests/service/test_config.py checks the two)."""
+    rows = ["| setting | default | past it | why |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(ServiceConfig):
+        status = f.metadata["status"] or ""
+        rows.append(f"| `{f.metadata['env']}` | {_shown(f.default)} | {status} | {f.metadata['why']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -8,6 +8,7 @@ the service) that adds:
 
 - a deadline for each request head (``MNIST_HEADER_TIMEOUT_S``): from the connection's start, or from the
   previous answer on a kept-alive connection, to the end of the head; past it, a 408 and the connection closes;
+- a size bound on each request head (``MAX_HEAD_BYTES``: the URL and headers; httptools has none): past it, 431;
 - a per-worker connection cap (``MNIST_MAX_CONNECTIONS``): past it, a new connection's request gets an
   immediate 503 with Retry-After and the connection closes (twice the cap, it is closed unanswered);
 - the keep-alive timeout (``MNIST_KEEP_ALIVE_S``);
@@ -19,6 +20,7 @@ the service) that adds:
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import resource
 import signal
@@ -28,7 +30,7 @@ import threading
 import time
 
 import uvicorn.config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import Server
 
 from service import memory
@@ -44,6 +46,13 @@ class DrainState:
 DRAIN = DrainState()
 
 
+MAX_HEAD_BYTES = 64 * 1024  # URL and headers of one request (browsers send a few KB; Node.js allows 16 KB)
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
 class GuardedProtocol(HttpToolsProtocol):
     settings = None  # the ServiceConfig, set by install()
 
@@ -52,6 +61,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = self.settings.keep_alive_s
         self._head_timer = None
         self._over_cap = False
+        self._head_bytes = 0
+        self._head_too_large = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -65,6 +76,29 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise HeadTooLarge()  # the parser stops; uvicorn answers a parser error with send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._head_too_large:
+            return super().send_400_response(msg)
+        self._answer_and_close(431, f"the request's URL and headers are over {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -91,10 +125,13 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
-        message = f"no complete request head within {self.settings.header_timeout_s:g} s"
-        body = b'{"error": "%s"}' % message.encode()
+        self._answer_and_close(408, f"no complete request head within {self.settings.header_timeout_s:g} s")
+
+    def _answer_and_close(self, status: int, message: str) -> None:
+        """An answer written straight to the socket: for what goes wrong before there is a request to route."""
+        body = json.dumps({"error": message}).encode()
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            STATUS_LINE[status] + b"content-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.transport.close()

@@ -163,7 +163,7 @@ class Frontend:
         started = time.perf_counter()
         request = Request(self, scope, receive)
         try:
-            if scope["method"] not in route.methods:
+            if scope["method"] not in route.methods and route is not NOT_FOUND:
                 response = Response.json({"error": f"{scope['path']} accepts {', '.join(route.methods)}"}, 405)
                 response.headers.append((b"allow", ", ".join(route.methods).encode()))
             else:

@@ -101,6 +101,19 @@ def test_a_connection_without_a_complete_request_head_gets_408(small_server, sen
     assert answer.startswith(b"HTTP/1.1 408 ") and b"no complete request head within 2 s" in answer
 
 
+@pytest.mark.parametrize("where", ["url", "header"])
+def test_an_oversized_request_head_gets_431(small_server, where):
+    big = "x" * 70_000
+    head = (
+        f"GET /livez?{big} HTTP/1.1\r\nHost: x\r\n\r\n"
+        if where == "url"
+        else f"GET /livez HTTP/1.1\r\nX-Big: {big}\r\n\r\n"
+    )
+    answer = raw_exchange(small_server.port, head.encode())
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"over 65536 bytes" in answer
+    assert httpx.get(small_server.url + "/livez").status_code == 200
+
+
 def test_past_the_connection_cap_a_new_connection_gets_503_and_retry_after(small_server):
     held = [socket.create_connection(("127.0.0.1", small_server.port)) for _ in range(8)]  # the worker's cap
     try:
