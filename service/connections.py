@@ -14,19 +14,20 @@ the service) that adds:
 - the keep-alive timeout (``MNIST_KEEP_ALIVE_S``);
 - a graceful drain on SIGTERM (``MNIST_DRAIN_S``): ``/readyz`` answers 503 at once so that load balancers
   stop sending, requests are still served for the drain period (with ``Connection: close``, to move kept-alive
-  clients elsewhere), then uvicorn's own shutdown stops accepting and finishes every request in progress.
+  clients elsewhere), then the listening socket closes without resetting anyone (``_end_drain``) and uvicorn's
+  own shutdown finishes every request in progress.
 """
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import resource
 import signal
 import socket
-import struct
-import threading
 import time
 
 import uvicorn.config
@@ -153,9 +154,7 @@ async def _over_capacity(scope, receive, send) -> None:
 
 
 _uvicorn_handle_exit = Server.handle_exit
-ACCEPT_QUEUE_S = 0.3  # after new connections stop, time to accept and answer those already queued
-_SO_ATTACH_FILTER = 26
-_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # one classic BPF instruction: "ret #0", keep nothing
+LAST_REQUESTS_S = 0.5  # after the listener closes: time for the connections accepted last to send their requests
 
 
 def _handle_exit(server: Server, sig: int, frame) -> None:
@@ -165,32 +164,46 @@ def _handle_exit(server: Server, sig: int, frame) -> None:
         return _uvicorn_handle_exit(server, sig, frame)
     DRAIN.draining, DRAIN.started = True, time.monotonic()
     log.info("SIGTERM: /readyz now answers 503; serving for %g s more, then finishing requests in progress", drain_s)
-    _later(drain_s, _end_drain, server, sig, frame)
+    loop = asyncio.get_event_loop()  # a signal handler runs on the main thread, whose loop is running
+    loop.call_soon_threadsafe(loop.call_later, drain_s, _end_drain, server, sig, frame)
 
 
 def _end_drain(server: Server, sig: int, frame) -> None:
-    """Closing a listening socket resets the connections still in its accept queue, whose clients have
-    already sent their requests. So first drop new connection attempts (their clients retry the SYN and then
-    find the port closed: refused, never half-served), accept and answer what is queued, then exit."""
+    """Close the listening sockets without resetting anyone. The kernel completes handshakes for a listening
+    socket on its own, and closing it resets every connection still queued, whose client has already sent its
+    request. So, in one go on the event loop: stop accepting, accept what is queued, and shut the socket for
+    every process that shares it (the arbiter keeps a copy: closing ours alone would leave the kernel accepting
+    for it); from then on a new client is refused, never half-served. Then let the last connections send their
+    requests, and hand over to uvicorn's shutdown, which finishes every request in progress."""
+    loop = asyncio.get_running_loop()
+
+    def protocol():
+        state = server.server_state
+        return server.config.http_protocol_class(
+            config=server.config, server_state=state, app_state=server.lifespan.state, _loop=loop
+        )
+
     for listener in server.servers:
-        for sock in listener.sockets:
-            _drop_new_connections(sock)
-    _later(ACCEPT_QUEUE_S, _uvicorn_handle_exit, server, sig, frame)
+        socks = [socket.socket(fileno=os.dup(s.fileno())) for s in listener.sockets]
+        listener.close()
+        for sock in socks:
+            for conn in _accept_all(sock):
+                loop.create_task(loop.connect_accepted_socket(protocol, conn))
+            with contextlib.suppress(OSError):  # another worker shut it first
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+    loop.call_later(LAST_REQUESTS_S, _uvicorn_handle_exit, server, sig, frame)
 
 
-def _drop_new_connections(sock) -> None:
-    insn = ctypes.create_string_buffer(_DROP_ALL)
-    program = struct.pack("HL", 1, ctypes.addressof(insn))  # struct sock_fprog {len; filter*}
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
-    except OSError as exc:  # not Linux: the listener closes as uvicorn closes it
-        log.info("cannot hold new connections off while draining (%s)", exc)
-
-
-def _later(seconds: float, fn, *args) -> None:
-    timer = threading.Timer(seconds, fn, args)
-    timer.daemon = True
-    timer.start()
+def _accept_all(sock: socket.socket) -> list[socket.socket]:
+    sock.setblocking(False)
+    accepted = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # nothing more queued (or the socket is already shut)
+            return accepted
+        accepted.append(conn)
 
 
 def install(settings) -> None:

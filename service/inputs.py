@@ -107,18 +107,57 @@ def json_images(body: bytes) -> list:
 
 
 def pixels_to_mnist(images, limits) -> np.ndarray:
-    """N x 28 x 28 intensities in 0..1, white digit on black -> the model's MNIST-style input."""
+    """N x 28 x 28 intensities in 0..1, white digit on black -> the model's MNIST-style input. A list (parsed
+    JSON) is checked value by value, so that a refusal names the first bad value's position."""
     check_count(len(images), limits)
+    batch = _checked_lists(images) if isinstance(images, list) else np.asarray(images)
+    if batch.ndim != 3 or batch.shape[1:] != (MNIST_SIDE, MNIST_SIDE) or batch.dtype.kind not in "biuf":
+        raise _bad(f"images must be numbers of shape [N, 28, 28], got {batch.dtype} of shape {list(batch.shape)}")
+    batch = batch.astype(np.float64)
+    for bound, where in (("finite numbers in 0..1", ~np.isfinite(batch)), ("in 0..1", (batch < 0) | (batch > 1))):
+        if where.any():
+            i, r, c = np.argwhere(where)[0]
+            value = images[i][r][c] if isinstance(images, list) else batch[i, r, c]
+            raise _bad(f"images[{i}][{r}][{c}] is {_shown(value)}; pixel intensities must be {bound}")
+    return np.stack([mnist_style(img) for img in batch.astype(np.float32)])
+
+
+def _checked_lists(images: list) -> np.ndarray:
+    for i, image in enumerate(images):
+        if not isinstance(image, list) or len(image) != MNIST_SIDE:
+            raise _bad(f"images[{i}] is {_described(image)}; each image must be 28 rows of 28 numbers (shape [28, 28])")
+        for r, row in enumerate(image):
+            if not isinstance(row, list) or len(row) != MNIST_SIDE:
+                raise _bad(f"images[{i}][{r}] is {_described(row)}; each row of an image has 28 numbers")
+            if not all(type(v) is float or type(v) is int for v in row):  # `type is`: JSON true is not a number
+                c, v = next((c, v) for c, v in enumerate(row) if type(v) is not float and type(v) is not int)
+                raise _bad(f"images[{i}][{r}][{c}] is {_described(v)}; expected a number in 0..1")
     try:
-        batch = np.asarray(images, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError):
-        raise RequestError(
-            400, "bad_shape", "images must be a list of 28x28 arrays of numbers (ragged or non-numeric input)"
-        ) from None
-    if batch.ndim != 3 or batch.shape[1:] != (MNIST_SIDE, MNIST_SIDE):
-        raise RequestError(400, "bad_shape", f"images must have shape [N, 28, 28], got {list(batch.shape)}")
-    if not np.isfinite(batch).all():
-        raise RequestError(400, "bad_shape", "images contain NaN or infinite values; expected intensities in 0..1")
-    if batch.min() < 0.0 or batch.max() > 1.0:
-        raise RequestError(400, "bad_shape", f"pixel intensities must be in 0..1, got {batch.min():g}..{batch.max():g}")
-    return np.stack([mnist_style(img) for img in batch])
+        return np.array(images, dtype=np.float64)
+    except OverflowError:  # an integer past float64's range
+        for i, image in enumerate(images):
+            for r, row in enumerate(image):
+                for c, v in enumerate(row):
+                    if type(v) is int and abs(v) > 1e300:
+                        digits = len(str(abs(v)))
+                        raise _bad(f"images[{i}][{r}][{c}] is an integer of {digits} digits; expected 0..1") from None
+        raise
+
+
+def _described(value) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, str):
+        return f"the string {value[:20]!r}"
+    if type(value) in (int, float):
+        return f"the number {value!r}"
+    return {bool: "a boolean", type(None): "null", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _shown(value) -> str:
+    value = float(value) if not isinstance(value, (int, float)) else value
+    return "NaN" if value != value else repr(value)
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(400, "bad_shape", message)

@@ -21,6 +21,7 @@ MNIST_SIDE = 28
 DIGIT_BOX = 20  # MNIST fits each digit in a 20x20 box, then centres its mass in 28x28
 MIN_DIGIT_AREA = 0.001  # an inner blob this share of the picture is a digit, enough to drop the border blobs
 MIN_BLOB_FRACTION = 0.05  # blobs under 5% of the largest one are specks, not strokes
+MNIST_CENTRE_TOLERANCE = 0.6  # px; MNIST's centres of mass lie within 0.52 px of (14, 14), train set included
 WORK_SIDE = 512  # big images are shrunk to this before the pixel work; the digit ends up 20 px anyway
 DEFAULT_LIMITS = ServiceConfig()  # the limits below (bytes, pixels, JPEG scans) are settings of the service
 MAX_PIXELS = DEFAULT_LIMITS.max_image_pixels
@@ -95,7 +96,10 @@ def decode(data: bytes, name: str = "image", limits=DEFAULT_LIMITS) -> Image.Ima
 
 def to_gray(img: Image.Image) -> np.ndarray:
     """Grayscale in 0..1. Transparent pixels show the background a viewer would show: white, unless the
-    opaque strokes are themselves light (a light digit on a transparent sheet), then black."""
+    opaque strokes are themselves light (a light digit on a transparent sheet), then black. Images of more than
+    8 bits a channel are scaled to 0..1, not clipped to 8 bits (Pillow's conversion to "L" clips them)."""
+    if img.mode == "F" or img.mode.startswith("I"):
+        return _scaled(img)
     if img.mode in ("P", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
@@ -106,6 +110,24 @@ def to_gray(img: Image.Image) -> np.ndarray:
         background = 0.0 if opaque.any() and luma[opaque].mean() > 0.5 else 1.0
         return luma * alpha + background * (1.0 - alpha)
     return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def _scaled(img: Image.Image) -> np.ndarray:
+    """16- and 32-bit integer and float images -> 0..1: by the range of the format where its values fit one
+    (0..255, 0..65535, 0..1 for floats; a 16-bit PNG uses the full 16 bits), else by their own range."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if img.mode.startswith("I;16"):
+        scale = 65535.0
+    elif low >= 0 and img.mode == "F" and high <= 1:
+        scale = 1.0
+    elif low >= 0 and high <= 255:
+        scale = 255.0
+    elif low >= 0 and high <= 65535:
+        scale = 65535.0
+    else:
+        values, scale = values - low, max(high - low, 1e-12)
+    return (values / scale).astype(np.float32)
 
 
 def _shrink(gray: np.ndarray) -> np.ndarray:
@@ -168,12 +190,32 @@ def _digit_mask(ink: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
+def is_mnist_format(gray: np.ndarray) -> bool:
+    """Already what MNIST's own preprocessing produces: 28x28, background exactly 0, the digit fitted in the
+    20x20 box (its longer side 19 or 20 px) and its centre of mass near (14, 14). True of
+    every one of MNIST's 70,000 digits, whose answers must be the model's own."""
+    if gray.shape != (MNIST_SIDE, MNIST_SIDE):
+        return False
+    ink = gray > 0
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0 or max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 not in (DIGIT_BOX - 1, DIGIT_BOX):
+        return False
+    mass = gray.sum(dtype=np.float64)
+    cy = gray.sum(axis=1, dtype=np.float64) @ np.arange(MNIST_SIDE) / mass
+    cx = gray.sum(axis=0, dtype=np.float64) @ np.arange(MNIST_SIDE) / mass
+    return abs(cy - 14.0) <= MNIST_CENTRE_TOLERANCE and abs(cx - 14.0) <= MNIST_CENTRE_TOLERANCE
+
+
 def mnist_style(gray: np.ndarray) -> np.ndarray:
-    """A grayscale image (0..1, any size) -> 28x28 float32 in 0..1, white digit on black, MNIST-centred."""
+    """A grayscale image (0..1, any size) -> 28x28 float32 in 0..1, white digit on black, MNIST-centred. An
+    image already in MNIST's format passes through unchanged."""
     gray = np.asarray(gray, dtype=np.float32)
     if not np.isfinite(gray).all():
         gray = np.nan_to_num(gray)
-    gray = _shrink(gray.clip(0.0, 1.0))
+    gray = gray.clip(0.0, 1.0)
+    if is_mnist_format(gray):
+        return gray
+    gray = _shrink(gray)
     low, median, high = _quantiles(gray)
     if median > 0.5:  # most of the picture is light: dark ink on paper or a white canvas
         gray = 1.0 - gray

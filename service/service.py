@@ -34,6 +34,7 @@ from service.routes import ROUTES
 from service.runtime import predictions, read_manifest
 
 log = logging.getLogger("service")
+log.setLevel(logging.INFO)  # BentoML's server logging shows the root logger's warnings only
 
 try:
     CONFIG = ServiceConfig.from_env()

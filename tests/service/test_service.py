@@ -43,11 +43,13 @@ def test_inputs_are_refused_with_their_status(service_module):
     from service.inputs import pixels_to_mnist
 
     config = service_module.CONFIG
-    with pytest.raises(RequestError, match="shape") as caught:
-        pixels_to_mnist([[0.0] * 28] * 28, config)
+    with pytest.raises(RequestError, match=r"images\[0\]\[0\] is the number 0.0; each row") as caught:
+        pixels_to_mnist([[0.0] * 28] * 28, config)  # one image, missing its outer list
     assert caught.value.status == 400 and caught.value.reason == "bad_shape"
-    with pytest.raises(RequestError, match="NaN"):
+    with pytest.raises(RequestError, match=r"images\[0\]\[0\]\[0\] is NaN"):
         pixels_to_mnist(np.full((1, 28, 28), np.nan).tolist(), config)
+    with pytest.raises(RequestError, match=r"shape \[2, 28, 27\]"):
+        pixels_to_mnist(np.zeros((2, 28, 27), dtype=np.float32), config)  # an in-process caller's array
     with pytest.raises(RequestError, match="limit is") as caught:
         pixels_to_mnist(np.zeros((config.max_images_per_request + 1, 28, 28)).tolist(), config)
     assert caught.value.status == 413
@@ -79,6 +81,8 @@ def test_http_health_and_docs(http):
 
 
 BIG = 2 * 28 * 28
+_ROWS = ["[" + ",".join(["9" * 401] + ["0"] * 27) + "]"] + ["[" + ",".join(["0"] * 28) + "]"] * 27
+HUGE_INTEGER_IMAGE = ('{"images": [[' + ",".join(_ROWS) + "]]}").encode()  # a 401-digit integer at [0][0][0]
 
 
 @pytest.mark.parametrize(
@@ -95,12 +99,36 @@ BIG = 2 * 28 * 28
             "text, not a file",
         ),
         ("/predict", dict(content=b"--zz\r\n", headers={"content-type": "multipart/form-data"}), 400, "boundary"),
-        ("/predict_array", dict(json={"images": [[[0.5] * 27] * 28]}), 400, "shape"),
+        ("/predict_array", dict(json={"images": [[[0.5] * 27] * 28]}), 400, "images[0][0] is a list of 27"),
         ("/predict_array", dict(json={"images": []}), 400, "no images"),
-        ("/predict_array", dict(json={"images": [[[2.0] * 28] * 28]}), 400, "0..1"),
+        (
+            "/predict_array",
+            dict(json={"images": [[[0.0] * 28] * 28, [[0.0] * 28] * 3 + [[0.0] * 7 + [2.0] + [0.0] * 20] * 25]}),
+            400,
+            "images[1][3][7] is 2.0; pixel intensities must be in 0..1",
+        ),
         ("/predict_array", dict(json={"images": [[[-0.5] * 28] * 28]}), 400, "0..1"),
-        ("/predict_array", dict(json={"images": [[["a"] * 28] * 28]}), 400, "numbers"),
-        ("/predict_array", dict(json={"images": [[[0.1] * 28] * 27 + [[0.1] * 5]]}), 400, "ragged"),
+        ("/predict_array", dict(json={"images": [[[1.0000001] * 28] * 28]}), 400, "is 1.0000001; pixel intensities"),
+        ("/predict_array", dict(json={"images": [[["a"] * 28] * 28]}), 400, "the string 'a'; expected a number"),
+        ("/predict_array", dict(json={"images": [[[True] * 28] * 28]}), 400, "[0][0][0] is a boolean"),
+        (
+            "/predict_array",
+            dict(json={"images": [[[0.1] * 28] * 27 + [[0.1] * 5]]}),
+            400,
+            "images[0][27] is a list of 5",
+        ),
+        (
+            "/predict_array",
+            dict(content=b'{"images": [[[' + b"9" * 401 + b"]]]}", headers={"content-type": "application/json"}),
+            400,
+            "images[0] is a list of 1",
+        ),
+        (
+            "/predict_array",
+            dict(content=HUGE_INTEGER_IMAGE, headers={"content-type": "application/json"}),
+            400,
+            "images[0][0][0] is an integer of 401 digits",
+        ),
         (
             "/predict_array",
             dict(content=b'{"images": [[[NaN]]]}', headers={"content-type": "application/json"}),
