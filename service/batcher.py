@@ -271,6 +271,6 @@ def start_batcher(model_dir, manifest: dict, config, metrics=None) -> Batcher:
         "manifest": manifest,
         "runtime": config.runtime,
         "normalization": manifest["normalization"],
-        "limits": {f["name"]: f["value"] for f in config.describe()},
+        "limits": config.work_settings(),
     }
     return Batcher(lambda: WorkProcess(init), config.work_procs, config, metrics)

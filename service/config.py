@@ -19,10 +19,12 @@ class ConfigError(ValueError):
     """A setting from the environment has a value the service cannot use."""
 
 
-def setting(env: str, default, why: str, status: int | None = None, minimum: float = 1, choices: tuple = ()):
+def setting(
+    env: str, default, why: str, status: int | None = None, minimum: float = 1, choices: tuple = (), secret=False
+):
     """A dataclass field read from ``env``; ``status`` is what a request gets for crossing it (limits only)."""
-    meta = {"env": env, "why": why, "status": status, "minimum": minimum, "choices": choices}
-    return field(default=default, metadata=meta)
+    meta = {"env": env, "why": why, "status": status, "minimum": minimum, "choices": choices, "secret": secret}
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,19 @@ class ServiceConfig:
         minimum=0,
     )
 
+    # ---- access ----
+    api_token: str = setting(
+        "MNIST_API_TOKEN",
+        "",
+        "when set, the predict endpoints and /model_info need `Authorization: Bearer <token>` (401 otherwise); "
+        "health checks stay open",
+        status=401,
+        secret=True,
+    )
+    metrics_public: bool = setting(
+        "MNIST_METRICS_PUBLIC", True, "0 puts /metrics behind the API token too (when one is set)", minimum=0
+    )
+
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceConfig:
         environ = os.environ if environ is None else environ
@@ -134,9 +149,17 @@ class ServiceConfig:
     def describe(self) -> list[dict]:
         """Each setting with its variable, value, status and reason: for /model_info and the README check."""
         return [
-            {"name": f.name, "env": f.metadata["env"], "value": getattr(self, f.name), "status": f.metadata["status"]}
+            {"name": f.name, "env": f.metadata["env"], "value": self._shown_value(f), "status": f.metadata["status"]}
             for f in dataclasses.fields(self)
         ]
+
+    def _shown_value(self, f: dataclasses.Field):
+        value = getattr(self, f.name)
+        return ("set" if value else "") if f.metadata["secret"] else value
+
+    def work_settings(self) -> dict:
+        """What a work process needs to rebuild this config (everything but secrets)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["secret"]}
 
 
 def _parse(f: dataclasses.Field, raw: str):
@@ -171,7 +194,8 @@ def markdown_table() -> str:
     rows = ["| setting | default | past it | why |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(ServiceConfig):
         status = f.metadata["status"] or ""
-        rows.append(f"| `{f.metadata['env']}` | {_shown(f.default)} | {status} | {f.metadata['why']} |")
+        default = _shown(f.default) if f.default != "" else "(unset)"
+        rows.append(f"| `{f.metadata['env']}` | {default} | {status} | {f.metadata['why']} |")
     return "\n".join(rows)
 
 

@@ -16,6 +16,7 @@ REASONS = (
     "too_large",  # a body, file or image over its limit
     "over_budget",  # decoding work over the request's budget (pixels, JPEG scans)
     "unsupported",  # wrong media type or method
+    "unauthorized",  # no or a wrong API token
     "not_found",
     "timeout",  # the client was too slow to send its request
     "overloaded",  # the server's queue or memory is full: retry later

@@ -12,6 +12,7 @@ here, so that no client can grow BentoML's path-labelled metrics.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -48,6 +49,8 @@ def error_response(exc: RequestError) -> Response:
     response = Response.json({"error": exc.message}, exc.status)
     if exc.retry_after is not None:
         response.headers.append((b"retry-after", str(exc.retry_after).encode()))
+    if exc.status == 401:
+        response.headers.append((b"www-authenticate", b"Bearer"))
     return response
 
 
@@ -125,6 +128,7 @@ class Route:
     endpoint: str  # the metric label
     methods: tuple[str, ...]
     handler: Handler
+    protected: bool = True  # needs the API token, when one is set
 
 
 class Frontend:
@@ -145,6 +149,8 @@ class Frontend:
         route = self.routes.get(scope["path"])
         if route is None:
             if scope["path"] in self.bentoml_paths:
+                if scope["path"] == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
+                    return await self._send(error_response(_unauthorized()), send, close=False)
                 return await self.app(scope, receive, _closing(send) if DRAIN.draining else send)
             route = NOT_FOUND
         await self._serve(route, scope, receive, send)
@@ -166,6 +172,8 @@ class Frontend:
             if scope["method"] not in route.methods and route is not NOT_FOUND:
                 response = Response.json({"error": f"{scope['path']} accepts {', '.join(route.methods)}"}, 405)
                 response.headers.append((b"allow", ", ".join(route.methods).encode()))
+            elif route.protected and not self._authorized(scope):
+                raise _unauthorized()
             else:
                 response = await route.handler(self.service, request)
         except RequestError as exc:
@@ -184,6 +192,15 @@ class Frontend:
         m = metrics(self.config.max_batch_size)
         m.requests.labels(route.endpoint, str(response.status)).inc()
         m.latency.labels(route.endpoint).observe(time.perf_counter() - started)
+
+    def _authorized(self, scope) -> bool:
+        """With MNIST_API_TOKEN set: the request carries ``Authorization: Bearer <token>``, compared in constant
+        time. Without it, everyone is."""
+        token = self.config.api_token
+        if not token:
+            return True
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return hmac.compare_digest(given, b"Bearer " + token.encode())
 
     def _schedule_release(self) -> None:
         """Give the memory of large bodies back a moment after they are gone (once for a burst of them)."""
@@ -210,6 +227,10 @@ class Frontend:
         await send({"type": "http.response.body", "body": response.body})
 
 
+def _unauthorized() -> RequestError:
+    return RequestError(401, "unauthorized", "this endpoint needs the header Authorization: Bearer <MNIST_API_TOKEN>")
+
+
 def _closing(send):
     """BentoML's answers during a drain carry Connection: close too."""
 
@@ -225,7 +246,7 @@ async def _not_found(service, request: Request) -> Response:
     raise RequestError(404, "not_found", f"no such path: {request.scope['path'][:200]}; see / for the API")
 
 
-NOT_FOUND = Route("unknown", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"), _not_found)
+NOT_FOUND = Route("unknown", (), _not_found, protected=False)
 
 
 def bentoml_paths() -> set[str]:

@@ -72,7 +72,7 @@ ROUTES = {
     "/predict": Route("predict", ("POST",), predict),
     "/predict_array": Route("predict_array", ("POST",), predict_array),
     "/model_info": Route("model_info", ("GET", "POST"), model_info),
-    "/livez": Route("health", ("GET", "HEAD"), livez),
-    "/healthz": Route("health", ("GET", "HEAD"), livez),
-    "/readyz": Route("health", ("GET", "HEAD"), readyz),
+    "/livez": Route("health", ("GET", "HEAD"), livez, protected=False),
+    "/healthz": Route("health", ("GET", "HEAD"), livez, protected=False),
+    "/readyz": Route("health", ("GET", "HEAD"), readyz, protected=False),
 }

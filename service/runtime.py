@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -12,8 +14,50 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+REEXPORT = "re-export the model (`make export`, or `python -m export build --checkpoint artifacts/convnet.pt`)"
+FORMAT_OF = {"onnx": "onnx", "torchscript": "torchscript"}  # runtime -> the manifest's artifact it loads
+
+
+class ModelFileError(Exception):
+    """The model's files cannot be served as exported; the message names the file and the fix, on one line."""
+
+
 def read_manifest(model_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(model_dir) / "manifest.json").read_text())
+    path = Path(model_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path} is missing; {REEXPORT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc}); {REEXPORT}") from None
+    missing = [
+        k
+        for k in ("artifacts", "normalization", "input", "verification")
+        if not isinstance(manifest, dict) or k not in manifest
+    ]
+    if missing:
+        raise ModelFileError(f"{path} is not an export manifest (no {', '.join(missing)}); {REEXPORT}")
+    return manifest
+
+
+def read_verified(model_dir: str | os.PathLike, manifest: dict, runtime: str) -> tuple[str, bytes, str]:
+    """The bytes of the file ``runtime`` loads, checked against the sha256 the export recorded: (file name,
+    bytes, sha256). The model is then built from these very bytes, so what is served is what was checked."""
+    artifact = manifest["artifacts"].get(FORMAT_OF[runtime])
+    if not artifact:
+        raise ModelFileError(f"the manifest in {model_dir} lists no {FORMAT_OF[runtime]} file; {REEXPORT}")
+    path = Path(model_dir) / artifact["file"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc.strerror or exc}); {REEXPORT}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != artifact["sha256"]:
+        raise ModelFileError(
+            f"{path} does not match its manifest (sha256 {digest[:12]}..., {len(data)} bytes; exported as "
+            f"{artifact['sha256'][:12]}..., {artifact.get('bytes', '?')} bytes): it changed after export; {REEXPORT}"
+        )
+    return artifact["file"], data, digest
 
 
 def _softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
@@ -32,11 +76,12 @@ def predictions(log_probs: np.ndarray) -> list[dict]:
 
 
 class Runtime:
-    """Loads one exported format and runs a normalized batch through it."""
+    """Loads one exported format, from bytes checked against the manifest, and runs a normalized batch."""
 
     name: str
     device: str
     file: str
+    sha256: str
 
     def log_probs(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - implemented below
         raise NotImplementedError
@@ -48,7 +93,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, model_dir: Path, manifest: dict, threads: int):
         import onnxruntime as ort
 
-        self.file = manifest["artifacts"]["onnx"]["file"]
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -59,7 +104,13 @@ class OnnxRuntime(Runtime):
             # they are preloaded; without this its CUDA provider fails to load libcublasLt.so.12, GPU or not
             ort.preload_dlls()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(model_dir / self.file), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a file it cannot parse
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(
+                f"{model_dir / self.file} is not a model ONNX Runtime can load ({reason}); {REEXPORT}"
+            ) from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if cuda_asked and self.device == "cpu":
             log.warning("onnxruntime-gpu could not start CUDA (no GPU or driver? its message is above): serving on CPU")
@@ -78,12 +129,16 @@ class TorchScriptRuntime(Runtime):
         from export.formats import torchscript_deprecation_silenced
 
         self.torch = torch
-        self.file = manifest["artifacts"]["torchscript"]["file"]
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        with torchscript_deprecation_silenced():
-            self.module = torch.jit.load(str(model_dir / self.file), map_location=self.device).eval()
+        try:
+            with torchscript_deprecation_silenced():
+                self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a file it cannot parse
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(f"{model_dir / self.file} is not a TorchScript model ({reason}); {REEXPORT}") from None
 
     def log_probs(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch

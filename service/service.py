@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +32,7 @@ from service.frontend import lean
 from service.metrics import metrics
 from service.middleware import install_timeout_fix
 from service.routes import ROUTES
-from service.runtime import predictions, read_manifest
+from service.runtime import ModelFileError, predictions, read_manifest
 
 log = logging.getLogger("service")
 log.setLevel(logging.INFO)  # BentoML's server logging shows the root logger's warnings only
@@ -45,7 +46,8 @@ install_timeout_fix()  # before BentoML builds its app; see service/middleware.p
 
 
 def _stored_manifest(tag: str) -> dict:
-    """The manifest of the model the service will load; a missing model stops start-up with one line."""
+    """The manifest of the model the service will load; a missing model or manifest stops start-up with one
+    line."""
     try:
         stored = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
@@ -54,7 +56,24 @@ def _stored_manifest(tag: str) -> dict:
             f"BENTOML_HOME={_store_home()}); run `make export` "
             "(or `python -m export build --checkpoint artifacts/convnet.pt`) first"
         )
-    return read_manifest(stored.path)
+    try:
+        return read_manifest(stored.path)
+    except ModelFileError as exc:
+        sys.exit(f"error: model {tag}: {exc}")
+
+
+def _check_the_model_loads(tag: str, manifest: dict) -> None:
+    """Before ``bentoml serve`` starts any worker: load the model once the way a work process does (its file
+    checked against the manifest's sha256, then parsed and run), so that a broken model stops the server
+    with one line instead of sending its workers into a restart loop. Workers skip this: the server did it."""
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is not None:
+        return
+    try:
+        start_batcher(bentoml.models.get(tag).path, manifest, replace(CONFIG, work_procs=1)).close()
+    except WorkerFailed as exc:
+        sys.exit(f"error: model {tag}: {exc}")
 
 
 def _store_home() -> str:
@@ -64,6 +83,7 @@ def _store_home() -> str:
 
 
 MANIFEST = _stored_manifest(CONFIG.model_tag)
+_check_the_model_loads(CONFIG.model_tag, MANIFEST)
 
 
 class Prediction(BaseModel):
@@ -147,6 +167,9 @@ class MNISTClassifier:
             "runtime": self.runtime["runtime"],
             "device": self.runtime["device"],
             "file": self.runtime["file"],
+            # what this worker's work processes loaded: the file's sha256, computed from the bytes they load and
+            # checked against the manifest before the model was built from those bytes
+            "served": {"file": self.runtime["file"], "sha256": self.runtime["sha256"], "matches_manifest": True},
             "formats": {
                 fmt: {"file": a["file"], "sha256": a["sha256"]} for fmt, a in self.manifest["artifacts"].items()
             },

@@ -139,13 +139,19 @@ def serve(sock: socket.socket) -> int:
     init = receive(sock)
     if init is None:
         return 0
+    from service.runtime import ModelFileError
+
     try:
         work = Work(init)
-    except Exception as exc:  # noqa: BLE001 - reported to the worker, which stops start-up with it
-        send(sock, ("failed", f"{type(exc).__name__}: {exc}"))
+    except ModelFileError as exc:  # reported to the worker, which stops start-up with it
+        send(sock, ("failed", str(exc)))
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the same, for what the runtime raises on its own
+        send(sock, ("failed", f"{type(exc).__name__}: {str(exc).strip()[:300]}"))
         return 1
     runtime = work.runtime
-    send(sock, ("ready", {"runtime": runtime.name, "device": runtime.device, "file": runtime.file}))
+    info = {"runtime": runtime.name, "device": runtime.device, "file": runtime.file, "sha256": runtime.sha256}
+    send(sock, ("ready", info))
     while (message := receive(sock)) is not None:
         _, batch_id, jobs = message
         answers, stats = work.run(jobs)
