@@ -69,6 +69,11 @@ class Request:
     def header(self, name: bytes) -> str:
         return self.headers.get(name, b"").decode("latin-1")
 
+    def require_token(self) -> None:
+        """For routes that protect only some of their paths (the Open Inference Protocol's health is open)."""
+        if not self.front._authorized(self.scope):
+            raise _unauthorized()
+
     async def body(self) -> bytes:
         config = self.front.config
         if self.headers.get(b"content-encoding", b"identity").lower() not in (b"identity", b""):
@@ -146,7 +151,8 @@ class Frontend:
             return await self.app(scope, receive, self._watch_startup(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = self.routes.get(scope["path"])
+        path = scope["path"]
+        route = self.routes.get(path) or self.routes.get(path[: path.find("/", 1)] + "/*" if "/" in path[1:] else "")
         if route is None:
             if scope["path"] in self.bentoml_paths:
                 if scope["path"] == "/metrics" and not self.config.metrics_public and not self._authorized(scope):

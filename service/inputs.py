@@ -18,11 +18,12 @@ from service.preprocess import (
     OverBudget,
     load_image,
     mnist_style,
+    normalize,
     open_image,
     to_gray,
 )
 
-KINDS = ("encoded", "json", "pixels")
+KINDS = ("encoded", "json", "pixels", "normalized")
 
 
 class Counts:
@@ -30,6 +31,19 @@ class Counts:
     request over its budget was refused from headers alone."""
 
     decoded_images = 0
+
+
+def model_input(kind: str, payload, limits, mean: float, std: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from).
+    ``normalized`` is already the model's input (the Open Inference Protocol's raw network): checked, not changed."""
+    if kind == "normalized":
+        check_count(len(payload), limits)
+        if not np.isfinite(payload).all():
+            i = int(np.argwhere(~np.isfinite(payload))[0][0])
+            raise _bad(f"images[{i}] holds NaN or infinite values; the network's input must be finite")
+        return payload, None
+    images = to_mnist(kind, payload, limits)
+    return normalize(images, mean, std), images
 
 
 def to_mnist(kind: str, payload, limits) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-ENDPOINTS = ("predict", "predict_array", "model_info", "health", "bentoml", "unknown")
+ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 

@@ -7,7 +7,7 @@ loop, so that they answer while the work processes are busy.
 
 from __future__ import annotations
 
-from service import multipart
+from service import multipart, v2
 from service.connections import DRAIN
 from service.errors import RequestError
 from service.frontend import Request, Response, Route
@@ -75,4 +75,6 @@ ROUTES = {
     "/livez": Route("health", ("GET", "HEAD"), livez, protected=False),
     "/healthz": Route("health", ("GET", "HEAD"), livez, protected=False),
     "/readyz": Route("health", ("GET", "HEAD"), readyz, protected=False),
+    "/v2": v2.ROUTE,
+    "/v2/*": v2.ROUTE,  # every path under /v2: the adapter parses them
 }

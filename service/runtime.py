@@ -60,14 +60,14 @@ def read_verified(model_dir: str | os.PathLike, manifest: dict, runtime: str) ->
     return artifact["file"], data, digest
 
 
-def _softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
+def softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
     probs = np.exp(log_probs.astype(np.float64))
     return probs / probs.sum(axis=1, keepdims=True)
 
 
 def predictions(log_probs: np.ndarray) -> list[dict]:
     """The model's log-probabilities -> one answer per image, as every predict endpoint returns them."""
-    probs = _softmax_from_log(log_probs)
+    probs = softmax_from_log(log_probs)
     digits = probs.argmax(axis=1)
     return [
         {"digit": int(d), "confidence": float(p[d]), "probabilities": [round(float(v), 6) for v in p]}

@@ -33,6 +33,7 @@ from service.metrics import metrics
 from service.middleware import install_timeout_fix
 from service.routes import ROUTES
 from service.runtime import ModelFileError, predictions, read_manifest
+from service.v2 import model_metadata
 
 log = logging.getLogger("service")
 log.setLevel(logging.INFO)  # BentoML's server logging shows the root logger's warnings only
@@ -121,6 +122,7 @@ class MNISTClassifier:
         except WorkerFailed as exc:
             sys.exit(f"error: the model {self.model.tag} could not be loaded: {exc}")
         self.runtime = self.batcher.processes[0].info
+        self.v2_models = model_metadata(self.manifest, self.runtime["runtime"])
         # Everything alive now (modules, BentoML's machinery) lives as long as the worker: move it out of the
         # garbage collector's view, so that a full collection under load takes a few ms, not ~70.
         gc.collect()

@@ -65,7 +65,8 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:
 # ---- one batch -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Done:
-    """A request's answer: the model's log-probabilities per image, and the 28x28 inputs if asked for."""
+    """A request's answer: the model's log-probabilities per image, and the 28x28 images the model saw (before
+    normalization) if asked for."""
 
     log_probs: np.ndarray
     inputs: np.ndarray | None
@@ -95,14 +96,14 @@ class Work:
     def run(self, jobs: list[tuple]) -> tuple[dict, BatchStats]:
         """jobs: (job id, input kind, payload, want inputs) -> ({job id: Done or RequestError}, stats)."""
         from service.errors import RequestError
-        from service.inputs import Counts, to_mnist
-        from service.preprocess import normalize
+        from service.inputs import Counts, model_input
 
         answers, ready, decoded_before = {}, [], Counts.decoded_images
         for job_id, kind, payload, want_inputs in jobs:
             start = time.perf_counter()
             try:
-                ready.append((job_id, to_mnist(kind, payload, self.limits), want_inputs, time.perf_counter() - start))
+                x, seen = model_input(kind, payload, self.limits, self.mean, self.std)
+                ready.append((job_id, x, seen if want_inputs else None, time.perf_counter() - start))
             except RequestError as exc:
                 answers[job_id] = exc
             except Exception:  # noqa: BLE001 - a bug, not the client's input: logged, answered 500
@@ -114,16 +115,15 @@ class Work:
         start = time.perf_counter()
         images = np.concatenate([x for _, x, _, _ in ready])
         try:
-            log_probs = self.runtime.log_probs(normalize(images, self.mean, self.std))
+            log_probs = self.runtime.log_probs(images)
         except Exception:  # noqa: BLE001 - the runtime failed: every request of the batch gets a 500
             log.error("the model call failed:\n%s", traceback.format_exc())
             failed = RequestError(500, "internal", "the model failed on this batch")
             return {**answers, **{job_id: failed for job_id, *_ in ready}}, BatchStats(0, 0.0, decoded)
         stats = BatchStats(len(images), time.perf_counter() - start, decoded)
         offset = 0
-        for job_id, x, want_inputs, prepare_s in ready:
-            part = log_probs[offset : offset + len(x)]
-            answers[job_id] = Done(part.copy(), x if want_inputs else None, prepare_s)
+        for job_id, x, seen, prepare_s in ready:
+            answers[job_id] = Done(log_probs[offset : offset + len(x)].copy(), seen, prepare_s)
             offset += len(x)
         return answers, stats
 
