@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import pickle
 import socket
@@ -110,6 +111,7 @@ class Counters:
     at_once: int = 0  # requests that found a process idle and went to it without waiting
     queued: int = 0  # requests that waited for a process to finish its batch
     refused: int = 0  # requests refused because the queue was full
+    abandoned: int = 0  # requests dropped before they ran: their clients had gone
     restarts: int = 0
     last_batch: list[int] = field(default_factory=list)  # images per request in the latest batch
 
@@ -121,6 +123,7 @@ class Batcher:
         self.idle: deque[WorkProcess] = deque(self.processes)
         self.queue: deque[Pending] = deque()
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
+        self.seconds_per_image = 0.0  # a moving average over recent batches, for the queue's depth in time
         self.counters = Counters()
         self.closing = False
         self._ids = itertools.count()
@@ -130,16 +133,23 @@ class Batcher:
     def ready(self) -> bool:
         return bool(self.processes) and not self.closing
 
+    def state(self) -> dict:
+        """Now, on this worker: for /model_info and for tests that must wait for a state, not a time."""
+        c = self.counters
+        return {
+            "processes": len(self.processes),
+            "busy_processes": len(self.processes) - len(self.idle),
+            "queued_requests": len(self.queue),
+            "admitted_images": self.admitted,
+            "seconds_per_image": round(self.seconds_per_image, 6),
+            "counters": {k: v for k, v in vars(c).items() if k != "last_batch"},
+        }
+
     async def submit(self, kind: str, payload, images: int, want_inputs: bool = False):
         """The work process's answer for one request: a worker.Done, or the RequestError it raised."""
         if not self.processes:
             raise RequestError(503, "unavailable", "no work process is running; retry later", self.config.retry_after_s)
-        if self.admitted and self.admitted + images > self.config.max_queue_images:
-            self.counters.refused += 1
-            raise overloaded(
-                f"{self.admitted} images are queued on this worker and the limit is {self.config.max_queue_images}",
-                self.config.retry_after_s,
-            )
+        self._admit(images)
         future = asyncio.get_running_loop().create_future()
         pending = Pending((next(self._ids), kind, payload, want_inputs), images, future)
         self.admitted += images
@@ -152,6 +162,21 @@ class Batcher:
             return await pending.future
         finally:
             self.admitted -= images
+
+    def _admit(self, images: int) -> None:
+        """Refuse at once what would pass the queue's bound in images or in estimated seconds of work."""
+        if not self.admitted:
+            return  # an idle worker takes any request the per-request limits allow
+        config = self.config
+        wait_s = (self.admitted + images) * self.seconds_per_image / max(1, len(self.processes))
+        if self.admitted + images > config.max_queue_images:
+            problem = f"{self.admitted} images are queued on this worker and the limit is {config.max_queue_images}"
+        elif wait_s > config.max_queue_s:
+            problem = f"this worker has about {wait_s:.1f} s of work queued and the limit is {config.max_queue_s:g} s"
+        else:
+            return
+        self.counters.refused += 1
+        raise overloaded(problem, max(config.retry_after_s, math.ceil(min(wait_s, config.max_queue_s))))
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:
@@ -166,8 +191,11 @@ class Batcher:
         batch, images = [], 0
         while self.queue:
             pending = self.queue[0]
-            if pending.future.done():  # its client went away
+            if pending.future.done():  # its client went away: nobody to answer, nothing to run
                 self.queue.popleft()
+                self.counters.abandoned += 1
+                if self.metrics is not None:
+                    self.metrics.abandoned.inc()
                 continue
             if batch and (not self.config.batching or images + pending.images > self.config.max_batch_size):
                 break
@@ -202,8 +230,12 @@ class Batcher:
             self._fail(batch, RequestError(500, "internal", "the server failed to process this request"))
             self._replace(process)
             return
+        seconds = time.perf_counter() - started
+        per_image = seconds / max(1, sum(p.images for p in batch))
+        previous = self.seconds_per_image or per_image
+        self.seconds_per_image = 0.8 * previous + 0.2 * per_image
         if self.metrics is not None:
-            self.metrics.observe_batch(stats, time.perf_counter() - started)
+            self.metrics.observe_batch(stats, seconds)
         for pending in batch:
             answer = answers[pending.job[0]]
             if not pending.future.done():

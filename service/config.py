@@ -60,6 +60,13 @@ class ServiceConfig:
         "64 images each fit)",
         status=503,
     )
+    max_queue_s: float = setting(
+        "MNIST_MAX_QUEUE_S",
+        5.0,
+        "the work a worker has queued, in estimated seconds (images x the recent time per image); past it, 503 "
+        "with a Retry-After of that estimate, so that after a burst the queue is at most this deep",
+        status=503,
+    )
     work_timeout_s: float = setting(
         "MNIST_WORK_TIMEOUT_S",
         60.0,

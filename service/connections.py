@@ -97,9 +97,17 @@ class GuardedProtocol(HttpToolsProtocol):
             raise HeadTooLarge()  # the parser stops; uvicorn answers a parser error with send_400_response
 
     def send_400_response(self, msg: str) -> None:
-        if not self._head_too_large:
-            return super().send_400_response(msg)
-        self._answer_and_close(431, f"the request's URL and headers are over {MAX_HEAD_BYTES} bytes")
+        """uvicorn's answer to what httptools cannot parse, as JSON like every other refusal."""
+        if self._head_too_large:
+            self._answer_and_close(431, f"the request's URL and headers are over {MAX_HEAD_BYTES} bytes")
+        else:
+            self._answer_and_close(400, "malformed HTTP: the request line or headers do not parse as HTTP/1.1")
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return False  # the service speaks no WebSocket: an upgrade request is answered as plain HTTP
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # not worth a log line per client that asks
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
@@ -139,17 +147,23 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 async def _over_capacity(scope, receive, send) -> None:
+    """A connection past the cap gets one answer and is closed: 503, except liveness (the worker is alive:
+    a probe must not restart it for being busy)."""
     settings = GuardedProtocol.settings
-    body = b'{"error": "the server is overloaded: this worker has %d connections open; retry later"}' % (
-        settings.max_connections
+    status, body = (
+        503,
+        b'{"error": "the server is overloaded: this worker has %d connections open; retry later"}'
+        % (settings.max_connections),
     )
+    if scope["path"] in ("/livez", "/healthz", "/v2/health/live"):
+        status, body = 200, b'{"live": true}'
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(settings.retry_after_s).encode()),
         (b"connection", b"close"),
     ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

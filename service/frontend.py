@@ -64,7 +64,11 @@ class Request:
             self.headers.setdefault(name, value)
         self.reserved = 0  # bytes of this request's body counted against the worker's in-flight cap
         self.size = 0  # the body's declared or received size, whether or not it was accepted
-        self.close_connection = False  # the body was not read to its end: the connection cannot be reused
+        # a body that was declared but not read to its end: answer, then close (rather than read it to discard)
+        self.unread_body = b"content-length" in self.headers and self.headers[b"content-length"] != b"0"
+        self.unread_body |= b"transfer-encoding" in self.headers
+        self.gone = False  # the client closed its connection while its request waited: drop the work
+        self._watcher: asyncio.Task | None = None
 
     def header(self, name: bytes) -> str:
         return self.headers.get(name, b"").decode("latin-1")
@@ -75,9 +79,14 @@ class Request:
             raise _unauthorized()
 
     async def body(self) -> bytes:
+        """The whole body. Memory is counted as it arrives (a declared length reserves nothing: a client that
+        declares 32 MiB and sends nothing holds nothing); then the client's disconnect is watched for."""
         config = self.front.config
         if self.headers.get(b"content-encoding", b"identity").lower() not in (b"identity", b""):
             raise RequestError(415, "unsupported", "compressed request bodies are not supported; send it uncompressed")
+        coding = self.headers.get(b"transfer-encoding", b"chunked").lower().replace(b" ", b"")
+        if coding not in (b"chunked", b"identity", b"identity,chunked"):
+            raise RequestError(415, "unsupported", "only chunked Transfer-Encoding is supported; send it uncompressed")
         declared = self.headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -85,7 +94,6 @@ class Request:
             self.size = int(declared)
             if int(declared) > config.max_request_bytes:
                 raise too_large(f"request body is {int(declared)} bytes; the limit is {config.max_request_bytes}")
-            self._reserve(int(declared))
         chunks, size = [], 0
         try:
             async with asyncio.timeout(config.body_timeout_s):
@@ -98,17 +106,28 @@ class Request:
                     self.size = max(self.size, size)
                     if size > config.max_request_bytes:
                         raise too_large(f"request body is over the limit of {config.max_request_bytes} bytes")
-                    if declared is None:
-                        self._reserve(len(chunk))
+                    self._reserve(len(chunk))
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            self.close_connection = True
             raise RequestError(
                 408, "timeout", f"the request body did not arrive within {config.body_timeout_s:g} s"
             ) from None
+        self.unread_body = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(asyncio.current_task()))
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _watch_disconnect(self, handler: asyncio.Task) -> None:
+        """Once the body is read, the next message is the disconnect: a client that gave up (a timeout, a
+        burst tool stopping) takes its queued work with it."""
+        if (await self._receive())["type"] == "http.disconnect" and not handler.done():
+            self.gone = True
+            handler.cancel()
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def _reserve(self, n: int) -> None:
         front = self.front
@@ -149,16 +168,16 @@ class Frontend:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await self.app(scope, receive, self._watch_startup(send))
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # the service speaks no WebSocket (service/connections.py refuses upgrades)
+            return
         path = scope["path"]
         route = self.routes.get(path) or self.routes.get(path[: path.find("/", 1)] + "/*" if "/" in path[1:] else "")
         if route is None:
-            if scope["path"] in self.bentoml_paths:
-                if scope["path"] == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
+            if path in self.bentoml_paths and scope["method"] in BENTOML_METHODS:
+                if path == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
                     return await self._send(error_response(_unauthorized()), send, close=False)
                 return await self.app(scope, receive, _closing(send) if DRAIN.draining else send)
-            route = NOT_FOUND
+            route = BENTOML_PAGE if path in self.bentoml_paths else NOT_FOUND
         await self._serve(route, scope, receive, send)
 
     def _watch_startup(self, send):
@@ -187,14 +206,20 @@ class Frontend:
             response = error_response(exc)
         except ClientGone:
             return
+        except asyncio.CancelledError:
+            if not request.gone:
+                raise
+            asyncio.current_task().uncancel()
+            return  # nobody to answer
         except Exception:  # noqa: BLE001 - a bug: the client gets a 500 with no details, the log the traceback
             log.exception("%s %s failed", scope["method"], scope["path"])
             response = Response.json({"error": "internal server error"}, 500)
         finally:
+            request.done()
             self.inflight_bytes -= request.reserved
             if request.size >= memory.LARGE:
                 self._schedule_release()
-        await self._send(response, send, close=request.close_connection or DRAIN.draining)
+        await self._send(response, send, close=request.unread_body or DRAIN.draining)
         m = metrics(self.config.max_batch_size)
         m.requests.labels(route.endpoint, str(response.status)).inc()
         m.latency.labels(route.endpoint).observe(time.perf_counter() - started)
@@ -227,7 +252,7 @@ class Frontend:
             (b"content-length", str(len(response.body)).encode()),
             *response.headers,
         ]
-        if close:  # a draining worker sends its clients elsewhere; a half-read body leaves the stream unusable
+        if close:  # a draining worker sends its clients elsewhere; an unread body is not worth reading to discard
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
@@ -253,6 +278,8 @@ async def _not_found(service, request: Request) -> Response:
 
 
 NOT_FOUND = Route("unknown", (), _not_found, protected=False)
+BENTOML_METHODS = ("GET", "HEAD")
+BENTOML_PAGE = Route("bentoml", BENTOML_METHODS, _not_found, protected=False)  # for the 405 on other methods
 
 
 def bentoml_paths() -> set[str]:

@@ -31,6 +31,7 @@ class Counts:
     request over its budget was refused from headers alone."""
 
     decoded_images = 0
+    decoded_pixels = 0
 
 
 def model_input(kind: str, payload, limits, mean: float, std: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -81,6 +82,7 @@ def encoded_to_mnist(files: list[bytes], limits) -> np.ndarray:
 
 def _image_to_mnist(img, name: str) -> np.ndarray:
     Counts.decoded_images += 1
+    Counts.decoded_pixels += img.width * img.height
     img = load_image(img, name)
     try:
         gray = to_gray(img)

@@ -46,6 +46,10 @@ class Metrics:
             name="mnist_images_decoded_total",
             documentation="Image files the work processes decoded (a request over its budget decodes none)",
         )
+        self.abandoned = client.Counter(
+            name="mnist_requests_abandoned_total",
+            documentation="Queued requests dropped before they ran, because their clients had closed the connection",
+        )
         self.restarts = client.Counter(
             name="mnist_work_process_restarts_total",
             documentation="Work processes restarted after they died or ran past the work timeout",

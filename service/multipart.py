@@ -42,6 +42,8 @@ def media_type(value: str, header: str = "Content-Type") -> tuple[str, dict[str,
 
 def _split_params(value: str) -> list[str]:
     """Split on semicolons outside double quotes."""
+    if '"' not in value:
+        return value.split(";")
     out, current, quoted = [], [], False
     for ch in value:
         if ch == '"':
@@ -113,7 +115,8 @@ def _part(head: bytes, data: bytes, index: int, file_field: str) -> Part:
         if name == b"content-disposition":
             disposition = value.decode("utf-8", "replace")
         elif name == b"content-transfer-encoding" and value.strip().lower() not in (b"binary", b"8bit", b"7bit"):
-            raise bad_request(f"multipart part {index} uses Content-Transfer-Encoding {value.strip().decode()!r}")
+            encoding = value.strip().decode("latin-1")[:40]
+            raise bad_request(f"multipart part {index} uses Content-Transfer-Encoding {encoding!r}; send raw bytes")
     if disposition is None:
         raise bad_request(f"multipart part {index} has no Content-Disposition header; expected form-data with a name")
     kind, params = media_type(disposition, "Content-Disposition")

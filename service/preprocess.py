@@ -26,6 +26,10 @@ WORK_SIDE = 512  # big images are shrunk to this before the pixel work; the digi
 DEFAULT_LIMITS = ServiceConfig()  # the limits below (bytes, pixels, JPEG scans) are settings of the service
 MAX_PIXELS = DEFAULT_LIMITS.max_image_pixels
 MAX_BYTES = DEFAULT_LIMITS.max_image_bytes
+# What digits arrive in. Pillow reads some thirty more formats; each is attack surface with no use here (some
+# decode on open, before any budget, or hide a JPEG the scan limit would not see).
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "PPM")  # Pillow's JPEG reader also opens MPO
+FORMAT_NAMES = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WebP", "AVIF", "PGM/PPM")
 _SOS = b"\xff\xda"  # JPEG start-of-scan marker (entropy-coded data stuffs 0xFF, so only markers match)
 
 
@@ -51,13 +55,11 @@ def open_image(data: bytes, name: str = "image", limits=DEFAULT_LIMITS) -> Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLarge(f"{name} has enormous dimensions; the limit is {limits.max_image_pixels} pixels") from None
     except UnidentifiedImageError:
-        raise ImageError(
-            f"{name} is not an image Pillow can read; expected PNG, JPEG, GIF, BMP, TIFF or WebP"
-        ) from None
+        raise ImageError(f"{name} is not an image in a format the service reads ({', '.join(FORMAT_NAMES)})") from None
     except Exception as exc:  # noqa: BLE001 - a hostile header can trip any plugin's parser: all mean "corrupt"
         raise ImageError(f"{name} could not be decoded ({str(exc)[:120]}); is the file truncated?") from None
     if img.width < 1 or img.height < 1:
@@ -66,9 +68,22 @@ def open_image(data: bytes, name: str = "image", limits=DEFAULT_LIMITS) -> Image
         raise ImageTooLarge(
             f"{name} is {img.width}x{img.height} pixels; the limit is {limits.max_image_pixels} pixels in all"
         )
-    if img.format == "JPEG" and (scans := data.count(_SOS)) > limits.max_jpeg_scans:
-        raise OverBudget(f"{name} is a JPEG of {scans} scans; the limit is {limits.max_jpeg_scans}")
+    if (pieces := _jpeg_pieces(img)) and (scans := data.count(_SOS)) > limits.max_jpeg_scans * pieces:
+        raise OverBudget(
+            f"{name} holds JPEG data of {scans} scans; the limit is {limits.max_jpeg_scans}"
+            + (f" per strip or tile ({pieces})" if pieces > 1 else "")
+        )
     return img
+
+
+def _jpeg_pieces(img: Image.Image) -> int:
+    """How many JPEG streams libjpeg will decode, once per scan each: one for a JPEG or an MPO (the first
+    picture is the one loaded), one per strip or tile of a JPEG-compressed TIFF; 0 when there is no JPEG."""
+    if img.format in ("JPEG", "MPO"):
+        return 1
+    if img.format == "TIFF" and img.tag_v2.get(259) in (6, 7):
+        return max(1, len(img.tag_v2.get(273, ()) or img.tag_v2.get(324, ())))
+    return 0
 
 
 def load_image(img: Image.Image, name: str = "image") -> Image.Image:
@@ -78,15 +93,29 @@ def load_image(img: Image.Image, name: str = "image") -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format == "JPEG" and min(img.size) > 2 * WORK_SIDE:
+            if img.format in ("JPEG", "MPO") and min(img.size) > 2 * WORK_SIDE:
                 img.draft(None, (WORK_SIDE, WORK_SIDE))
             img.load()
             img = ImageOps.exif_transpose(img)
+            if max(img.size) > 2 * WORK_SIDE:
+                img = _reduced(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLarge(f"{name} has enormous dimensions") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes can trip any decoder in any way
         raise ImageError(f"{name} could not be decoded ({str(exc)[:120]}); is the file truncated?") from None
     return img
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """A large image box-averaged by a whole factor towards the working size, in Pillow's C code, before any
+    per-pixel work in numpy (which costs several times the decode on 25 megapixels)."""
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")  # its transparency, if any, becomes alpha
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    return img.reduce(max(img.size) // WORK_SIDE)
 
 
 def decode(data: bytes, name: str = "image", limits=DEFAULT_LIMITS) -> Image.Image:

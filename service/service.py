@@ -188,6 +188,7 @@ class MNISTClassifier:
                 "work_processes_per_worker": CONFIG.work_procs,
             },
             "settings": {f["env"]: f["value"] for f in CONFIG.describe()},
+            "batcher": self.batcher.state(),  # this worker's: each worker has its own batcher
         }
 
 

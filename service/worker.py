@@ -29,6 +29,7 @@ import numpy as np
 from service import memory
 
 HEADER = struct.Struct("<Q")
+LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give the freed memory back
 log = logging.getLogger("service.worker")
 
 
@@ -78,6 +79,7 @@ class BatchStats:
     model_images: int  # images in the model call (requests that failed preparation are not in it)
     model_s: float
     decoded_images: int = 0  # image files whose pixels were decoded (or tried), for all requests of the batch
+    decoded_pixels: int = 0
 
 
 class Work:
@@ -98,20 +100,20 @@ class Work:
         from service.errors import RequestError
         from service.inputs import Counts, model_input
 
-        answers, ready, decoded_before = {}, [], Counts.decoded_images
+        answers, ready, decoded_before, pixels_before = {}, [], Counts.decoded_images, Counts.decoded_pixels
         for job_id, kind, payload, want_inputs in jobs:
             start = time.perf_counter()
             try:
                 x, seen = model_input(kind, payload, self.limits, self.mean, self.std)
                 ready.append((job_id, x, seen if want_inputs else None, time.perf_counter() - start))
-            except RequestError as exc:
-                answers[job_id] = exc
+            except RequestError as exc:  # a fresh copy: the raised one's traceback holds the decoded images
+                answers[job_id] = RequestError(exc.status, exc.reason, exc.message, exc.retry_after)
             except Exception:  # noqa: BLE001 - a bug, not the client's input: logged, answered 500
                 log.error("preparing a request failed:\n%s", traceback.format_exc())
                 answers[job_id] = RequestError(500, "internal", "the server failed to prepare this request")
-        decoded = Counts.decoded_images - decoded_before
+        decoded = (Counts.decoded_images - decoded_before, Counts.decoded_pixels - pixels_before)
         if not ready:
-            return answers, BatchStats(0, 0.0, decoded)
+            return answers, BatchStats(0, 0.0, *decoded)
         start = time.perf_counter()
         images = np.concatenate([x for _, x, _, _ in ready])
         try:
@@ -119,8 +121,8 @@ class Work:
         except Exception:  # noqa: BLE001 - the runtime failed: every request of the batch gets a 500
             log.error("the model call failed:\n%s", traceback.format_exc())
             failed = RequestError(500, "internal", "the model failed on this batch")
-            return {**answers, **{job_id: failed for job_id, *_ in ready}}, BatchStats(0, 0.0, decoded)
-        stats = BatchStats(len(images), time.perf_counter() - start, decoded)
+            return {**answers, **{job_id: failed for job_id, *_ in ready}}, BatchStats(0, 0.0, *decoded)
+        stats = BatchStats(len(images), time.perf_counter() - start, *decoded)
         offset = 0
         for job_id, x, seen, prepare_s in ready:
             answers[job_id] = Done(log_probs[offset : offset + len(x)].copy(), seen, prepare_s)
@@ -156,7 +158,8 @@ def serve(sock: socket.socket) -> int:
         _, batch_id, jobs = message
         answers, stats = work.run(jobs)
         send(sock, ("done", batch_id, answers, stats))
-        if sum(len(p) for _, kind, p, _ in jobs if kind == "encoded") > 1 << 20 or stats.model_images > 1024:
+        del jobs, message, answers  # nothing of this batch outlives it
+        if stats.decoded_pixels > LARGE_DECODE_PIXELS or stats.model_images > 1024:
             memory.release()
     return 0
 

@@ -208,3 +208,24 @@ def test_mnist_digits_get_the_models_own_answers(server, mnist_test, book_export
     assert np.array_equal(got_json, expected) and np.array_equal(got_png, expected)
     labels = mnist_test[1].numpy()
     assert (expected == labels).mean() == pytest.approx(book_export.manifest["verification"]["eager_test_accuracy"])
+
+
+def _many_scans(digit: np.ndarray, repeats: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each repeat makes libjpeg read the image again."""
+    data = _encode(Image.fromarray(digit).resize((256, 256)), "JPEG", progressive=True)
+    last = data.rindex(b"\xff\xda")
+    return data[:last] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(http, seven):
+    ok = http.post("/predict", files=[("images", ("ok.jpg", _many_scans(seven, 2), "image/jpeg"))])
+    assert ok.status_code == 200, ok.text
+    refused = http.post("/predict", files=[("images", ("many.jpg", _many_scans(seven, 40), "image/jpeg"))])
+    assert refused.status_code == 413 and "scans; the limit is 32" in refused.text
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "BLP", "JPEG2000", "PCX", "TGA"])
+def test_formats_outside_the_list_are_refused_unread(http, seven, fmt):
+    data = _encode(Image.fromarray(seven).convert("P" if fmt == "BLP" else "RGB"), fmt)
+    response = http.post("/predict", files=[("images", (f"x.{fmt.lower()}", data, "application/octet-stream"))])
+    assert response.status_code == 400 and "not an image in a format the service reads (PNG, JPEG" in response.text

@@ -157,3 +157,65 @@ def test_pixel_arrays_and_json_take_the_same_path(make_batcher, mnist_test):
     from_pixels, from_json = asyncio.run(scenario())
     np.testing.assert_array_equal(from_pixels.log_probs, from_json.log_probs)
     assert from_pixels.log_probs.argmax(axis=1).tolist() == labels[:8].tolist()
+
+
+def test_the_queue_is_bounded_in_seconds_of_work_too(make_batcher, digits):
+    batcher = make_batcher(max_queue_s=1e-6, retry_after_s=1)
+    files, _ = digits
+
+    async def scenario():
+        await batcher.submit("encoded", files[:2], 2)  # one batch measured: the time per image is known
+        running = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        await asyncio.sleep(0)
+        with pytest.raises(RequestError) as refused:
+            await batcher.submit("encoded", files[:1], 1)
+        await running
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.status == 503 and "s of work queued and the limit is 1e-06 s" in refused.message
+    assert refused.retry_after >= 1
+
+
+def test_a_refused_request_keeps_nothing_alive_in_the_work_process(book_export, digits):
+    """The answer for a failed request is a fresh error: the raised one's traceback would hold every image the
+    request had decoded (the work process has no reason to collect garbage soon)."""
+    from service.worker import Work
+
+    config = ServiceConfig()
+    work = Work(
+        {
+            "model_dir": str(book_export.out),
+            "manifest": book_export.manifest,
+            "runtime": "onnx",
+            "normalization": book_export.manifest["normalization"],
+            "limits": config.work_settings(),
+        }
+    )
+    files, _ = digits
+    truncated = files[2][: len(files[2]) // 2]  # its header reads; its pixels do not
+    answers, stats = work.run([(1, "encoded", [files[0], files[1], truncated], False)])
+    failed = answers[1]
+    assert isinstance(failed, RequestError) and failed.status == 400 and "images[2]" in failed.message
+    assert failed.__traceback__ is None and failed.__context__ is None and failed.__cause__ is None
+    assert stats.decoded_images == 3 and stats.model_images == 0
+
+
+def test_requests_whose_clients_left_are_dropped_unrun(make_batcher, digits):
+    batcher = make_batcher()
+    files, _ = digits
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        await asyncio.sleep(0)  # dispatched: the process is busy
+        left = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        await asyncio.sleep(0)  # queued behind it
+        left.cancel()  # what the HTTP front does when the client disconnects
+        await first
+        await batcher.submit("encoded", files[:1], 1)
+        return left
+
+    left = asyncio.run(scenario())
+    assert left.cancelled()
+    assert batcher.counters.abandoned == 1 and batcher.counters.batches == 2  # the abandoned one never ran
+    assert batcher.admitted == 0

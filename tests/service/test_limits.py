@@ -38,13 +38,18 @@ def metric(text: str, name: str) -> float:
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 30) -> bytes:
-    """Send ``data`` on a fresh connection, then read until the server closes it."""
+    """Send ``data`` on a fresh connection, then read one answer (to its Content-Length) or until the server
+    closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        chunks = []
+        answer = b""
         while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+            answer += chunk
+            head, sep, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if sep and length and len(body) >= int(length.group(1)):
+                break
+    return answer
 
 
 def test_health_answers_while_a_worker_processes_a_maximal_request(small_server):
@@ -85,6 +90,31 @@ def test_a_request_over_its_pixel_budget_is_refused_from_headers(small_server):
     assert metric(httpx.get(small_server.url + "/metrics").text, "mnist_images_decoded_total") == after + 1
 
 
+def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
+    url = small_server.url
+    files = [("images", (f"{i}.png", big_png(side), "image/png")) for i, side in enumerate((5000, 5000, 3700))]
+    before = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
+    big = ThreadPoolExecutor(1).submit(httpx.post, url + "/predict", files=files, timeout=300)
+    while httpx.get(url + "/model_info").json()["batcher"]["busy_processes"] == 0:  # until the big one runs
+        assert not big.done(), big.result().text
+    body, content_type = multipart_body(BOOK_IMAGE.read_bytes())
+    with socket.create_connection(("127.0.0.1", small_server.port)) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (content_type.encode(), len(body), body)
+        )
+        while httpx.get(url + "/model_info").json()["batcher"]["queued_requests"] == 0:
+            pass  # until it waits in the queue; then the client goes away
+    assert big.result().status_code == 200
+    after = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
+    assert after == before + 1
+
+
+def multipart_body(data: bytes) -> tuple[bytes, str]:
+    body = b'--zz\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + data + b"\r\n--zz--\r\n"
+    return body, "multipart/form-data; boundary=zz"
+
+
 def test_a_stalled_body_gets_408(small_server):
     head = (
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
@@ -117,18 +147,76 @@ def test_an_oversized_request_head_gets_431(small_server, where):
 def test_past_the_connection_cap_a_new_connection_gets_503_and_retry_after(small_server):
     held = [socket.create_connection(("127.0.0.1", small_server.port)) for _ in range(8)]  # the worker's cap
     try:
-        answer = raw_exchange(small_server.port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = [
+            raw_exchange(small_server.port, f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            for p in ("/readyz", "/livez")
+        ]
     finally:
         for sock in held:
             sock.close()
-    assert answer.startswith(b"HTTP/1.1 503 ")
-    assert b"retry-after: 1" in answer.lower() and b"overloaded" in answer
-    assert httpx.get(small_server.url + "/livez").status_code == 200  # below the cap again
+    readyz, livez = answers
+    assert readyz.startswith(b"HTTP/1.1 503 ")
+    assert b"retry-after: 1" in readyz.lower() and b"overloaded" in readyz
+    assert livez.startswith(b"HTTP/1.1 200 ")  # alive, only busy: a liveness probe must not restart it
+    assert httpx.get(small_server.url + "/readyz").status_code == 200  # below the cap again
+
+
+def test_declared_lengths_hold_no_memory(small_server):
+    """Connections that declare 32 MiB bodies and send nothing reserve nothing: the worker still serves."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+    held = []
+    for _ in range(6):
+        held.append(socket.create_connection(("127.0.0.1", small_server.port)))
+        held[-1].sendall(head + b"Content-Length: %d\r\n\r\n" % (32 * 2**20 - 1))
+    try:
+        ok = httpx.post(
+            small_server.url + "/predict", files=[("images", ("b.png", BOOK_IMAGE.read_bytes(), "image/png"))]
+        )
+    finally:
+        for sock in held:
+            sock.close()
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status, fragment",
+    [
+        (b"GET /livez HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400, b"malformed HTTP"),
+        (b"GE T /livez HTTP/1.1\r\n\r\n", 400, b"malformed HTTP"),
+        (b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"accepts GET, HEAD"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, b"accepts GET, HEAD"),
+        (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            415,
+            b"only chunked Transfer-Encoding",
+        ),
+        (
+            b"GET /" + b"w" * 300 + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            404,
+            b"no such path",
+        ),
+    ],
+    ids=["two-lengths", "bad-method", "delete-metrics", "post-index", "gzip-chunked", "websocket"],
+)
+def test_every_refusal_below_the_routes_is_json_too(small_server, request_bytes, status, fragment):
+    answer = raw_exchange(small_server.port, request_bytes, timeout=10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert b"content-type: application/json" in head.lower() and fragment in body
+
+
+def test_an_early_refusal_closes_instead_of_reading_the_body(small_server):
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000000\r\n\r\n"
+    answer = raw_exchange(small_server.port, head)  # the body never comes: the server closes after answering
+    assert answer.startswith(b"HTTP/1.1 415 ") and b"connection: close" in answer.lower()
 
 
 def test_unknown_paths_add_no_metric_series(small_server):
     url = small_server.url
     httpx.get(f"{url}/no-such-page")  # the one "unknown" series, if it is not there yet
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 
     def series() -> set[str]:
         return {line.rsplit(" ", 1)[0] for line in httpx.get(url + "/metrics").text.splitlines() if line[:1] != "#"}
@@ -138,6 +226,7 @@ def test_unknown_paths_add_no_metric_series(small_server):
     for i, token in enumerate(tokens):
         response = (httpx.get if i % 2 else httpx.post)(f"{url}/{token}/x?{token}")
         assert response.status_code == 404 and response.json()["error"].startswith("no such path")
+        raw_exchange(small_server.port, f"GET /{token}/ws HTTP/1.1\r\nHost: x\r\n".encode() + upgrade + b"\r\n")
     text = httpx.get(url + "/metrics").text
     assert not any(token in text for token in tokens)
     assert series() == before

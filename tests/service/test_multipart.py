@@ -56,6 +56,8 @@ def test_a_preamble_and_filename_star_are_accepted():
         (b"--zz\r\nContent-Disposition: attachment; name=images\r\n\r\nx\r\n--zz--", CT, 400, "not a named"),
         (b"--zz\r\nno colon here\r\n\r\nDATA\r\n--zz--", CT, 400, "malformed header line"),
         (part(extra=b"Content-Transfer-Encoding: base64\r\n") + b"--zz--", CT, 400, "base64"),
+        (part(extra=b"Content-Transfer-Encoding: \xff\xfe\r\n") + b"--zz--", CT, 400, "Transfer-Encoding"),
+        (part(extra=b"Content-Disposition: form-data; name=\xff\r\n") + b"--zz--", CT, 400, "unknown field"),
         (b"--zzjunk\r\n" + part()[6:] + b"--zz--", CT, 400, "must end with a line break"),
         (part(extra=b"X-Pad: " + b"p" * 9000 + b"\r\n") + b"--zz--", CT, 413, "headers are over 8192 bytes"),
         (part() * 3 + b"--zz--", CT, 413, "more than 2 parts"),
