@@ -159,9 +159,12 @@ class Batcher:
         self.counters.queued += not pending.at_once
         self._dispatch()
         try:
-            return await pending.future
+            done = await pending.future
         finally:
             self.admitted -= images
+        if self.metrics is not None:
+            self.metrics.observe_answer(done, kind)
+        return done
 
     def _admit(self, images: int) -> None:
         """Refuse at once what would pass the queue's bound in images or in estimated seconds of work."""

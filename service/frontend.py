@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,11 @@ class Request:
 
     def header(self, name: bytes) -> str:
         return self.headers.get(name, b"").decode("latin-1")
+
+    def flag(self, name: str) -> bool:
+        """A yes/no query parameter: ``?name=1`` (or true, yes)."""
+        values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name, ["0"])
+        return values[-1].lower() in ("1", "true", "yes")
 
     def require_token(self) -> None:
         """For routes that protect only some of their paths (the Open Inference Protocol's health is open)."""
@@ -288,7 +294,7 @@ def bentoml_paths() -> set[str]:
 
     static = Path(server.__file__).parent / "static_content"
     files = {f"/static_content/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
-    return {"/", "/docs.json", "/schema.json", "/metrics", *files}
+    return {"/docs.json", "/schema.json", "/metrics", *files}
 
 
 class LeanService(Service):

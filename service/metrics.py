@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import functools
 
-ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "bentoml", "unknown")
+import numpy as np
+
+ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "ui", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+DIGITS = tuple(str(d) for d in range(10))
 
 
 class Metrics:
@@ -50,10 +54,40 @@ class Metrics:
             name="mnist_requests_abandoned_total",
             documentation="Queued requests dropped before they ran, because their clients had closed the connection",
         )
+        # what the model is being asked and how sure it is: a shift in the digit mix or a fall in confidence is
+        # how an operator sees that the inputs changed
+        self.predictions = client.Counter(
+            name="mnist_predictions_total",
+            documentation="Images answered, by the digit predicted (every predict path, the v2 models included)",
+            labelnames=["digit"],
+        )
+        self.confidence = client.Histogram(
+            name="mnist_prediction_confidence",
+            documentation="The probability of the predicted digit, one observation per image answered",
+            buckets=CONFIDENCE_BUCKETS,
+        )
+        self.preprocess = client.Histogram(
+            name="mnist_preprocess_seconds",
+            documentation="Time a request's images spent being decoded and preprocessed in a work process",
+            buckets=LATENCY_BUCKETS,
+        )
         self.restarts = client.Counter(
             name="mnist_work_process_restarts_total",
             documentation="Work processes restarted after they died or ran past the work timeout",
         )
+
+    def observe_answer(self, done, kind: str) -> None:
+        """One request's answers: its digits and confidences, and its preprocessing time (image inputs)."""
+        log_probs = done.log_probs.astype(np.float64)
+        probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
+        confidence = probs.max(axis=1) / probs.sum(axis=1)
+        for digit, count in enumerate(np.bincount(log_probs.argmax(axis=1), minlength=10)):
+            if count:
+                self.predictions.labels(DIGITS[digit]).inc(int(count))
+        for value in confidence:
+            self.confidence.observe(float(value))
+        if kind != "normalized":
+            self.preprocess.observe(done.prepare_s)
 
     def observe_batch(self, stats, seconds: float) -> None:
         if stats.model_images:

@@ -7,6 +7,9 @@ loop, so that they answer while the work processes are busy.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from service import multipart, v2
 from service.connections import DRAIN
 from service.errors import RequestError
@@ -38,8 +41,9 @@ async def predict(service, request: Request) -> Response:
     multipart.boundary_of(content_type)  # a missing boundary is a 400 before the body is read
     limit = service.settings.max_images_per_request
     parts = multipart.parse(await request.body(), content_type, "images", max_parts=limit)
-    done = await service.batcher.submit("encoded", [part.data for part in parts], max(1, len(parts)))
-    return Response.json(predictions(done.log_probs))
+    want_input = request.flag("return_input")
+    done = await service.batcher.submit("encoded", [part.data for part in parts], max(1, len(parts)), want_input)
+    return Response.json(predictions(done.log_probs, done.inputs))
 
 
 async def predict_array(service, request: Request) -> Response:
@@ -48,12 +52,44 @@ async def predict_array(service, request: Request) -> Response:
     body = await request.body()
     # The body is parsed in a work process; for the queue and batch bounds, count the most images it can hold.
     bound = min(len(body) // MIN_JSON_BYTES_PER_IMAGE, service.settings.max_images_per_request)
-    done = await service.batcher.submit("json", body, max(1, bound))
-    return Response.json(predictions(done.log_probs))
+    done = await service.batcher.submit("json", body, max(1, bound), request.flag("return_input"))
+    return Response.json(predictions(done.log_probs, done.inputs))
 
 
 async def model_info(service, request: Request) -> Response:
     return Response.json(_started(service).info())
+
+
+UI_PAGE = Path(__file__).parent / "ui" / "index.html"
+
+
+async def ui(service, request: Request) -> Response:
+    """The draw-a-digit page: one file of HTML, CSS and JavaScript, no outside resources."""
+    return Response(200, _page(UI_PAGE), b"text/html; charset=utf-8", [(b"cache-control", b"no-cache")])
+
+
+async def index(service, request: Request) -> Response:
+    """BentoML's OpenAPI page, with a link to the draw-a-digit page."""
+    return Response(200, _page(_bentoml_index(), link=True), b"text/html; charset=utf-8")
+
+
+@functools.cache
+def _page(path: Path, link: bool = False) -> bytes:
+    html = path.read_bytes()
+    if link:
+        banner = (
+            b'<a href="/ui" style="display:block;padding:.6rem 1rem;background:#1f6feb;color:#fff;'
+            b'font:16px system-ui,sans-serif;text-decoration:none">Draw a digit and see what the model answers: /ui</a>'
+        )
+        html = html.replace(b"<body>", b"<body>" + banner, 1)
+    return html
+
+
+def _bentoml_index() -> Path:
+    from _bentoml_impl.server import app
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(app.__file__).parent / ("main-ui.html" if BentoMLContainer.new_index else "main-openapi.html")
 
 
 async def livez(service, request: Request) -> Response:
@@ -75,6 +111,8 @@ ROUTES = {
     "/livez": Route("health", ("GET", "HEAD"), livez, protected=False),
     "/healthz": Route("health", ("GET", "HEAD"), livez, protected=False),
     "/readyz": Route("health", ("GET", "HEAD"), readyz, protected=False),
+    "/ui": Route("ui", ("GET", "HEAD"), ui, protected=False),
+    "/": Route("bentoml", ("GET", "HEAD"), index, protected=False),
     "/v2": v2.ROUTE,
     "/v2/*": v2.ROUTE,  # every path under /v2: the adapter parses them
 }
