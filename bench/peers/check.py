@@ -1,0 +1,69 @@
+"""Before any timing: does a server give the answers in-process ONNX Runtime gives, for the same images?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench import http
+from bench.peers.work import Pipeline
+
+BOOK_IMAGE = http.REPO.parent / "shared" / "book" / "digit_image.jpg"
+BOOK_DIGIT = 2  # the chapter's own example
+PROBABILITY_ATOL = 2e-6  # the service rounds probabilities to 6 decimals: up to 5e-7 apart, plus float noise
+
+
+class PeerMismatch(AssertionError):
+    """A server answered differently from in-process ONNX Runtime; the message lists every difference."""
+
+
+def samples(mnist_u8: np.ndarray) -> list[tuple[str, bytes]]:
+    """The book's image, then real MNIST test digits as PNGs: (file name, bytes)."""
+    mnist = [(f"{i}.png", http.png(img)) for i, img in enumerate(mnist_u8)]
+    return [(BOOK_IMAGE.name, BOOK_IMAGE.read_bytes()), *mnist]
+
+
+def _post(url: str, files: list[tuple[str, bytes]]) -> list[dict]:
+    body, ctype = http.multipart([("images", name, data, "application/octet-stream") for name, data in files])
+    response = httpx.post(url, content=body, headers={"content-type": ctype}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _differences(label: str, got: list[dict], want: list[dict]) -> list[str]:
+    if len(got) != len(want):
+        return [f"{label}: {len(got)} answers for {len(want)} images"]
+    out = []
+    for i, (g, w) in enumerate(zip(got, want)):
+        diff = np.abs(np.asarray(g["probabilities"], dtype=np.float64) - w["probabilities"]).max()
+        if g["digit"] != w["digit"] or diff > PROBABILITY_ATOL or abs(g["confidence"] - w["confidence"]) > 1e-6:
+            out.append(f"{label}[{i}]: digit {g['digit']} vs {w['digit']}, max probability difference {diff:.2g}")
+    return out
+
+
+def check_peer(url: str, path: str, export_dir: Path, mnist_u8: np.ndarray, multi_image: bool = True) -> str:
+    """Send each sample alone, then all of them in one request, and compare with in-process ONNX Runtime.
+
+    Raises PeerMismatch listing every difference. A server that declares ``multi_image=False`` must still
+    answer each image alone; what it does with the many-file request is returned, not judged."""
+    reference = Pipeline(export_dir)
+    files = samples(mnist_u8)
+    want = [reference([data])[0] for _, data in files]
+    problems = [] if want[0]["digit"] == BOOK_DIGIT else [f"in-process: the book's image is {want[0]['digit']}"]
+    for (name, data), w in zip(files, want):
+        got = _post(url + path, [(name, data)])
+        problems += _differences(name, got, [w])
+        if name == BOOK_IMAGE.name and got and got[0]["digit"] != BOOK_DIGIT:
+            problems.append(f"the book's image answered {got[0]['digit']}, not {BOOK_DIGIT}")
+    got = _post(url + path, files)
+    many = _differences(f"{len(files)} files in one request", got, want)
+    if multi_image:
+        problems += many
+    if problems:
+        raise PeerMismatch(f"{url}{path}: " + "; ".join(problems))
+    if not many:
+        return f"{len(files)} images alone and in one request: same answers as in-process ONNX Runtime"
+    last = "the last file's answer" if not _differences("last", got, want[-1:]) else "not the last file's answer"
+    return f"{len(files)} images alone: same answers; all {len(files)} in one request: {len(got)} answer(s), {last}"
