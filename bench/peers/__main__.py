@@ -64,7 +64,9 @@ def check_all(live: dict[str, http.Server], export_dir: Path, mnist_u8) -> dict[
     return notes
 
 
-def compare(live: dict[str, http.Server], images, clients: list[int], rounds: int, window_s: int) -> list[dict]:
+def compare(
+    live: dict[str, http.Server], images, clients: list[int], rounds: int, window_s: int, alone: bool
+) -> list[dict]:
     rows = []
     scenarios = {"png1": (1, window_s), "png64": (64, 2 * window_s)}  # 64-image requests: longer windows
     steps = [(s, c) for s in scenarios for c in clients]
@@ -77,7 +79,7 @@ def compare(live: dict[str, http.Server], images, clients: list[int], rounds: in
             if count == 1 or multi_image(server)
         }
         with OtherLoad(live) as other:
-            windows = http.interleaved(live, loads, c, rounds)
+            windows = http.interleaved(live, loads, c, rounds, alone)
         for name, ws in windows.items():
             row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(ws)}
             row["other_cpu_share"] = other.share
@@ -89,8 +91,9 @@ def markdown(result: dict) -> str:
     out = [
         f"# Peer servers, {result['date']}\n",
         f"{result['machine']}. Medians of {result['rounds']} interleaved wrk windows of {result['window_s']} s "
-        "(twice that for 64 PNGs); all servers running at once, each doing the same work per request. "
-        "'other load': the share of the machine that processes outside this benchmark took meanwhile.\n",
+        "(twice that for 64 PNGs); all servers started at once, each doing the same work per request"
+        + ("; the others frozen (SIGSTOP) during each one's windows. " if result["others_frozen"] else ". ")
+        + "'other load': the share of the machine that processes outside this benchmark took meanwhile.\n",
     ]
     for scenario, title in (("png1", "one PNG per request"), ("png64", "64 PNGs per request")):
         rows = [r for r in result["rows"] if r["scenario"] == scenario]
@@ -103,7 +106,7 @@ def markdown(result: dict) -> str:
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['other_cpu_share']:.0%} |"
             for r in sorted(rows, key=lambda r: (r["concurrency"], -r["requests_per_s"]))
         ]
-    out += ["\n## CPU use of each server while idle (the others' windows)\n"]
+    out += ["\n## CPU use of each server while idle, not frozen\n"]
     out += [f"- {name}: {share:.1%} of the machine" for name, share in result["idle_cpu_share"].items()]
     out += ["\n## Correctness check\n"] + [f"- {name}: {note}" for name, note in result["checks"].items()]
     return "\n".join(out) + "\n"
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--window", type=int, default=5, help="seconds per wrk window (64 PNGs: twice this)")
     p.add_argument("--checkpoint", default=str(BOOK), help="the model every server serves")
+    p.add_argument("--no-freeze", action="store_true", help="leave the other servers running during a window")
     p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for other load to stop")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind the servers' context managers
@@ -141,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         if quiet >= 0.1:
             logging.warning("other processes still take %.0f%% of the machine; measuring anyway", 100 * quiet)
         idle = idle_shares(live)
-        rows = compare(live, images, args.clients, args.rounds, args.window)
+        rows = compare(live, images, args.clients, args.rounds, args.window, not args.no_freeze)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "rounds": args.rounds,
         "window_s": args.window,
+        "others_frozen": not args.no_freeze,
         "checks": checks,
         "idle_cpu_share": idle,
         "rows": rows,

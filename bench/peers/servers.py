@@ -59,7 +59,9 @@ class PeerServer(Server):
             else:
                 self.proc.terminate()
             self.proc.wait(timeout=self.stop_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except ProcessLookupError:
+            pass  # the launcher is gone already; its leftovers are killed below
+        except subprocess.TimeoutExpired:
             log.warning("%s: launcher still running after %.0f s", self.name, self.stop_s)
         _, alive = psutil.wait_procs(tree, timeout=10)
         for p in alive:
