@@ -113,12 +113,17 @@ class Server:
 
     def suspend(self) -> None:
         """Freeze every process of the server (SIGSTOP): it takes no CPU until ``resume``."""
-        for p in self.processes():
-            p.suspend()
+        self._signal_all(psutil.Process.suspend)
 
     def resume(self) -> None:
+        self._signal_all(psutil.Process.resume)
+
+    def _signal_all(self, send) -> None:
         for p in self.processes():
-            p.resume()
+            try:
+                send(p)
+            except psutil.NoSuchProcess:
+                pass  # a short-lived child (TorchServe's metrics collector, say) ended since the listing
 
     def __exit__(self, *exc) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -239,9 +244,9 @@ NOOP_REQUEST = (b"{}", "application/json")
 def only(live: dict[str, Server], name: str, alone: bool):
     """With ``alone``, every server but ``name`` frozen for the block (see ``interleaved``)."""
     others = [server for other, server in live.items() if other != name] if alone else []
-    for server in others:
-        server.suspend()
     try:
+        for server in others:
+            server.suspend()
         yield
     finally:
         for server in others:

@@ -3,6 +3,7 @@ folder, and is stopped with everything it started, Ray's actors and TorchServe's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -53,6 +54,9 @@ class PeerServer(Server):
 
     def __exit__(self, *exc) -> None:
         tree = _tree(self.proc.pid)
+        for p in tree:  # a frozen process (bench.http.only) would hold its SIGTERM until the SIGKILL below
+            with contextlib.suppress(psutil.Error):
+                p.resume()
         try:
             if self.signal_group:
                 os.killpg(self.proc.pid, signal.SIGTERM)
