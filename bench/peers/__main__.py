@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         live = {}
         for name, server in tqdm(servers(export_dir, home, args.only).items(), desc="start", disable=None):
             live[name] = stack.enter_context(server)
-        checks = check_all(live, export_dir, images[:4])
+        checks = check_all(live, export_dir, images)
         if args.check:
             return 0
         quiet = wait_quiet(live, limit_s=args.wait_quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,8 @@ from bench.peers.work import Pipeline
 
 BOOK_IMAGE = http.REPO.parent / "shared" / "book" / "digit_image.jpg"
 BOOK_DIGIT = 2  # the chapter's own example
+SEQUENTIAL = 5  # samples sent one by one, then together in one request
+CONCURRENCY = 16
 PROBABILITY_ATOL = 2e-6  # the service rounds probabilities to 6 decimals: up to 5e-7 apart, plus float noise
 
 
@@ -43,8 +46,22 @@ def _differences(label: str, got: list[dict], want: list[dict]) -> list[str]:
     return out
 
 
+def _concurrent(url: str, files: list, want: list[dict], multi_image: bool) -> list[str]:
+    """Every image alone, plus (``multi_image``) requests of 1 to 8 images, all sent from 16 threads at once,
+    so that a batching server merges them: each answer must still be its own request's."""
+    jobs = [[i] for i in range(len(files))]
+    if multi_image:
+        jobs += [list(range(start, start + size)) for size in range(1, 9) for start in range(0, len(files) - size, 9)]
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        answers = pool.map(lambda job: _post(url, [files[i] for i in job]), jobs)
+        return [
+            d for job, got in zip(jobs, answers) for d in _differences(f"concurrent {job}", got, [want[i] for i in job])
+        ]
+
+
 def check_peer(url: str, path: str, export_dir: Path, mnist_u8: np.ndarray, multi_image: bool = True) -> str:
-    """Send each sample alone, then all of them in one request, and compare with in-process ONNX Runtime.
+    """Compare a server's answers with in-process ONNX Runtime: the book's image and the first MNIST digits
+    one by one, then all of them in one request, then everything at once from many threads (see _concurrent).
 
     Raises PeerMismatch listing every difference. A server that declares ``multi_image=False`` must still
     answer each image alone; what it does with the many-file request is returned, not judged."""
@@ -52,18 +69,24 @@ def check_peer(url: str, path: str, export_dir: Path, mnist_u8: np.ndarray, mult
     files = samples(mnist_u8)
     want = [reference([data])[0] for _, data in files]
     problems = [] if want[0]["digit"] == BOOK_DIGIT else [f"in-process: the book's image is {want[0]['digit']}"]
-    for (name, data), w in zip(files, want):
+    first = files[:SEQUENTIAL]
+    for (name, data), w in zip(first, want):
         got = _post(url + path, [(name, data)])
         problems += _differences(name, got, [w])
         if name == BOOK_IMAGE.name and got and got[0]["digit"] != BOOK_DIGIT:
             problems.append(f"the book's image answered {got[0]['digit']}, not {BOOK_DIGIT}")
-    got = _post(url + path, files)
-    many = _differences(f"{len(files)} files in one request", got, want)
-    if multi_image:
-        problems += many
+    got = _post(url + path, first)
+    many = _differences(f"{len(first)} files in one request", got, want[: len(first)])
+    problems += many if multi_image else []
+    problems += _concurrent(url + path, files, want, multi_image)
     if problems:
-        raise PeerMismatch(f"{url}{path}: " + "; ".join(problems))
+        raise PeerMismatch(f"{url}{path}: " + "; ".join(problems[:10]))
+    together = f"{len(files)} images under concurrent load: same answers as in-process ONNX Runtime"
     if not many:
-        return f"{len(files)} images alone and in one request: same answers as in-process ONNX Runtime"
-    last = "the last file's answer" if not _differences("last", got, want[-1:]) else "not the last file's answer"
-    return f"{len(files)} images alone: same answers; all {len(files)} in one request: {len(got)} answer(s), {last}"
+        return f"{len(first)} images alone and in one request, {together}"
+    last = (
+        "the last file's answer"
+        if not _differences("last", got, want[len(first) - 1 : len(first)])
+        else "not the last's"
+    )
+    return f"{len(first)} images alone: same answers; in one request: {len(got)} answer(s), {last}; {together}"
