@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 MNIST_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),)
 export MNIST_DATA_DIR
 
-.PHONY: install test train export serve bento bench bench-quick lint clean \
+.PHONY: install test train export serve bento bench bench-quick bench-peers lint clean \
 	docker-up container container-gpu container-test container-gpu-test
 
 install: $(VENV)/.installed
@@ -86,6 +86,11 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	$(PY) -m bench.run --quick
+
+# TorchServe, LitServe, Ray Serve and FastAPI in their own venv (.bench-venv), for
+# `$(PY) -m bench.peers --check | --compare`
+bench-peers: bench-deps
+	bash bench/peers/setup.sh
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

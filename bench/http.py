@@ -3,6 +3,7 @@ the book's Flask server and a BentoML endpoint that does nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -103,10 +104,26 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def rss_mb(self) -> float:
+    def processes(self) -> list[psutil.Process]:
         root = psutil.Process(self.proc.pid)
-        procs = [root, *root.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+        return [root, *root.children(recursive=True)]
+
+    def rss_mb(self) -> float:
+        return sum(p.memory_info().rss for p in self.processes() if p.is_running()) / 2**20
+
+    def suspend(self) -> None:
+        """Freeze every process of the server (SIGSTOP): it takes no CPU until ``resume``."""
+        self._signal_all(psutil.Process.suspend)
+
+    def resume(self) -> None:
+        self._signal_all(psutil.Process.resume)
+
+    def _signal_all(self, send) -> None:
+        for p in self.processes():
+            try:
+                send(p)
+            except psutil.NoSuchProcess:
+                pass  # a short-lived child (TorchServe's metrics collector, say) ended since the listing
 
     def __exit__(self, *exc) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -223,18 +240,40 @@ def book_request(x_norm_image: np.ndarray) -> tuple[bytes, str]:
 NOOP_REQUEST = (b"{}", "application/json")
 
 
+@contextlib.contextmanager
+def only(live: dict[str, Server], name: str, alone: bool):
+    """With ``alone``, every server but ``name`` frozen for the block (see ``interleaved``)."""
+    others = [server for other, server in live.items() if other != name] if alone else []
+    try:
+        for server in others:
+            server.suspend()
+        yield
+    finally:
+        for server in others:
+            server.resume()
+
+
 def interleaved(
-    live: dict[str, Server], loads: dict[str, tuple[str, bytes, str, float]], clients: int, rounds: int
+    live: dict[str, Server],
+    loads: dict[str, tuple[str, bytes, str, float]],
+    clients: int,
+    rounds: int,
+    alone: bool = False,
 ) -> dict[str, list[dict]]:
     """wrk windows from each server in turn, ``rounds`` times, after a short warm-up of each; ``loads`` maps
     a server's name to (path, body, content type, window seconds). This machine's CPU share drifts over
-    minutes: windows that alternate keep the comparisons (ratios) fair even when absolute numbers move."""
+    minutes: windows that alternate keep the comparisons (ratios) fair even when absolute numbers move.
+    ``alone`` freezes the other servers during each one's warm-up and windows: some poll while idle (LitServe's
+    workers and Ray's cluster each took about a tenth of this machine doing nothing) and would otherwise take
+    that from the server being measured."""
     for name, (path, body, ctype, _) in loads.items():
-        wrk(live[name].url + path, body, ctype, min(clients, 8), 1)
-        settle(live[name].url + live[name].ready_path)
+        with only(live, name, alone):
+            wrk(live[name].url + path, body, ctype, min(clients, 8), 1)
+            settle(live[name].url + live[name].ready_path)
     windows: dict[str, list[dict]] = {name: [] for name in loads}
     for _ in range(rounds):
         for name, (path, body, ctype, seconds) in loads.items():
-            windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds))
-            settle(live[name].url + live[name].ready_path)
+            with only(live, name, alone):
+                windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds))
+                settle(live[name].url + live[name].ready_path)
     return windows
