@@ -26,7 +26,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+# The browser test (tests/service/test_ui.py) needs Debian's Chromium and its driver: installed where apt-get can
+# (as root, as on CI); elsewhere that test is skipped with the reason.
 test: install
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
+		 echo "note: Chromium could not be installed; the browser test will be skipped")
 	$(PY) -m pytest
 
 lint: install
@@ -76,15 +82,16 @@ container-test: container
 container-gpu-test: container-gpu
 	$(PY) -m deploy check mnist-classifier-gpu:latest --digit-image $(DIGIT_IMAGE)
 
-# Benchmarks: not part of `make test`. They need wrk (Debian's package) and the bench extra (Flask, psutil).
+# Benchmarks: not part of `make test`. They need wrk and hey (Debian's packages), the bench extra (Flask,
+# psutil) and the peer servers' own venv (bench-peers).
 bench-deps: install
-	@command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	@command -v wrk >/dev/null && command -v hey >/dev/null || (apt-get install -y wrk hey || sudo apt-get install -y wrk hey)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 
-bench: bench-deps
+bench: bench-deps bench-peers
 	$(PY) -m bench.run
 
-bench-quick: bench-deps
+bench-quick: bench-deps bench-peers
 	$(PY) -m bench.run --quick
 
 # TorchServe, LitServe, Ray Serve and FastAPI in their own venv (.bench-venv), for
