@@ -63,8 +63,9 @@ class ServiceConfig:
     max_queue_s: float = setting(
         "MNIST_MAX_QUEUE_S",
         5.0,
-        "the work a worker has queued, in estimated seconds (images x the recent time per image); past it, 503 "
-        "with a Retry-After of that estimate, so that after a burst the queue is at most this deep",
+        "the work a worker has queued, in estimated seconds (the pixels its images declare, plus a fixed cost "
+        "per image, x the recent time per unit); past it, 503 with a Retry-After of that estimate, so that after a "
+        "burst the queue is at most this deep",
         status=503,
     )
     work_timeout_s: float = setting(

@@ -63,6 +63,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer = None
         self._over_cap = False
         self._head_bytes = 0
+        self._in_head = True  # between requests, or inside a request's head: its bytes count towards the bound
+        self._raw_head_bytes = 0  # bytes received while in a head, counted by data_received
         self._head_too_large = False
 
     def connection_made(self, transport) -> None:
@@ -77,6 +79,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """httptools hands a header over only once it is complete, so a value that never ends would not be
+        counted by ``on_header``: count what arrives while the head is incomplete, too."""
+        in_head = self._in_head
+        super().data_received(data)
+        if in_head and self._in_head and not self.transport.is_closing():
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > MAX_HEAD_BYTES:
+                self._head_too_large = True
+                self.send_400_response("")
 
     def on_message_begin(self) -> None:
         self._head_bytes = 0
@@ -110,10 +123,12 @@ class GuardedProtocol(HttpToolsProtocol):
         pass  # not worth a log line per client that asks
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
+        self._in_head, self._raw_head_bytes = True, 0
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
             self._arm_head_timer()
@@ -168,7 +183,7 @@ async def _over_capacity(scope, receive, send) -> None:
 
 
 _uvicorn_handle_exit = Server.handle_exit
-LAST_REQUESTS_S = 0.5  # after the listener closes: time for the connections accepted last to send their requests
+LAST_REQUESTS_S = 1.0  # after the listener closes: time for the connections accepted last to send their requests
 
 
 def _handle_exit(server: Server, sig: int, frame) -> None:

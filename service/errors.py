@@ -29,7 +29,9 @@ class RequestError(BentoMLException):
     """A request the service refuses. A BentoML exception, so in-process callers of the service's API methods
     get the same status BentoML would report."""
 
-    def __init__(self, status: int, reason: str, message: str, retry_after: int | None = None):
+    def __init__(
+        self, status: int, reason: str, message: str, retry_after: int | None = None, allow: str | None = None
+    ):
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
         super().__init__(message)
@@ -38,9 +40,10 @@ class RequestError(BentoMLException):
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.allow = allow  # a 405's Allow header
 
     def __reduce__(self):  # raised in a work process, re-raised in the worker: must pickle with its fields
-        return RequestError, (self.status, self.reason, self.message, self.retry_after)
+        return RequestError, (self.status, self.reason, self.message, self.retry_after, self.allow)
 
 
 def bad_request(message: str) -> RequestError:

@@ -52,6 +52,8 @@ def error_response(exc: RequestError) -> Response:
         response.headers.append((b"retry-after", str(exc.retry_after).encode()))
     if exc.status == 401:
         response.headers.append((b"www-authenticate", b"Bearer"))
+    if exc.allow:
+        response.headers.append((b"allow", exc.allow.encode()))
     return response
 
 
@@ -237,7 +239,9 @@ class Frontend:
         if not token:
             return True
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(given, b"Bearer " + token.encode())
+        scheme, _, credentials = given.strip().partition(b" ")
+        ok = hmac.compare_digest(credentials.strip(), token.encode())  # compared even for a wrong scheme
+        return ok and scheme.lower() == b"bearer"  # the scheme is case-insensitive (RFC 9110)
 
     def _schedule_release(self) -> None:
         """Give the memory of large bodies back a moment after they are gone (once for a burst of them)."""

@@ -96,14 +96,19 @@ def load_image(img: Image.Image, name: str = "image") -> Image.Image:
             if img.format in ("JPEG", "MPO") and min(img.size) > 2 * WORK_SIDE:
                 img.draft(None, (WORK_SIDE, WORK_SIDE))
             img.load()
-            img = ImageOps.exif_transpose(img)
             if max(img.size) > 2 * WORK_SIDE:
                 img = _reduced(img)
+            img = ImageOps.exif_transpose(img, in_place=False) if _rotated(img) else img
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLarge(f"{name} has enormous dimensions") from None
     except Exception as exc:  # noqa: BLE001 - hostile bytes can trip any decoder in any way
         raise ImageError(f"{name} could not be decoded ({str(exc)[:120]}); is the file truncated?") from None
     return img
+
+
+def _rotated(img: Image.Image) -> bool:
+    """Whether EXIF says to rotate or flip (exif_transpose copies the image even when it does not)."""
+    return img.getexif().get(0x0112, 1) not in (0, 1)
 
 
 def _reduced(img: Image.Image) -> Image.Image:

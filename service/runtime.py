@@ -2,62 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from service.model_files import REEXPORT, ModelFileError, read_verified
+
 log = logging.getLogger(__name__)
-
-
-REEXPORT = "re-export the model (`make export`, or `python -m export build --checkpoint artifacts/convnet.pt`)"
 FORMAT_OF = {"onnx": "onnx", "torchscript": "torchscript"}  # runtime -> the manifest's artifact it loads
-
-
-class ModelFileError(Exception):
-    """The model's files cannot be served as exported; the message names the file and the fix, on one line."""
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelFileError(f"{path} is missing; {REEXPORT}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path} cannot be read ({exc}); {REEXPORT}") from None
-    missing = [
-        k
-        for k in ("artifacts", "normalization", "input", "verification")
-        if not isinstance(manifest, dict) or k not in manifest
-    ]
-    if missing:
-        raise ModelFileError(f"{path} is not an export manifest (no {', '.join(missing)}); {REEXPORT}")
-    return manifest
-
-
-def read_verified(model_dir: str | os.PathLike, manifest: dict, runtime: str) -> tuple[str, bytes, str]:
-    """The bytes of the file ``runtime`` loads, checked against the sha256 the export recorded: (file name,
-    bytes, sha256). The model is then built from these very bytes, so what is served is what was checked."""
-    artifact = manifest["artifacts"].get(FORMAT_OF[runtime])
-    if not artifact:
-        raise ModelFileError(f"the manifest in {model_dir} lists no {FORMAT_OF[runtime]} file; {REEXPORT}")
-    path = Path(model_dir) / artifact["file"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelFileError(f"{path} cannot be read ({exc.strerror or exc}); {REEXPORT}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != artifact["sha256"]:
-        raise ModelFileError(
-            f"{path} does not match its manifest (sha256 {digest[:12]}..., {len(data)} bytes; exported as "
-            f"{artifact['sha256'][:12]}..., {artifact.get('bytes', '?')} bytes): it changed after export; {REEXPORT}"
-        )
-    return artifact["file"], data, digest
 
 
 def softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
@@ -98,7 +53,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, model_dir: Path, manifest: dict, threads: int):
         import onnxruntime as ort
 
-        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, FORMAT_OF[self.name])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -134,7 +89,7 @@ class TorchScriptRuntime(Runtime):
         from export.formats import torchscript_deprecation_silenced
 
         self.torch = torch
-        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, FORMAT_OF[self.name])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)

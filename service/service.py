@@ -31,8 +31,9 @@ from service.config import ConfigError, ServiceConfig
 from service.frontend import lean
 from service.metrics import metrics
 from service.middleware import install_timeout_fix
+from service.model_files import REEXPORT, ModelFileError, read_manifest
 from service.routes import ROUTES
-from service.runtime import ModelFileError, predictions, read_manifest
+from service.runtime import predictions
 from service.v2 import model_metadata
 
 log = logging.getLogger("service")
@@ -57,6 +58,8 @@ def _stored_manifest(tag: str) -> dict:
             f"BENTOML_HOME={_store_home()}); run `make export` "
             "(or `python -m export build --checkpoint artifacts/convnet.pt`) first"
         )
+    except Exception as exc:  # noqa: BLE001 - a damaged store entry (its model.yaml, say): one line, not a traceback
+        sys.exit(f"error: model {tag}: its model store entry cannot be read ({type(exc).__name__}); {REEXPORT}")
     try:
         return read_manifest(stored.path)
     except ModelFileError as exc:
@@ -84,6 +87,7 @@ def _store_home() -> str:
 
 
 MANIFEST = _stored_manifest(CONFIG.model_tag)
+V2_MODELS = model_metadata(MANIFEST, CONFIG.runtime)  # from the manifest read above, so it is checked here too
 _check_the_model_loads(CONFIG.model_tag, MANIFEST)
 
 
@@ -122,7 +126,7 @@ class MNISTClassifier:
         except WorkerFailed as exc:
             sys.exit(f"error: the model {self.model.tag} could not be loaded: {exc}")
         self.runtime = self.batcher.processes[0].info
-        self.v2_models = model_metadata(self.manifest, self.runtime["runtime"])
+        self.v2_models = V2_MODELS
         # Everything alive now (modules, BentoML's machinery) lives as long as the worker: move it out of the
         # garbage collector's view, so that a full collection under load takes a few ms, not ~70.
         gc.collect()

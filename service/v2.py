@@ -21,6 +21,7 @@ from service import v2_tensors
 from service.connections import DRAIN
 from service.errors import RequestError, bad_request
 from service.frontend import Request, Response, Route
+from service.image_size import declared_pixels
 from service.runtime import softmax_from_log
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"
@@ -91,7 +92,7 @@ async def v2(service, request: Request) -> Response:
 
 def _only(method: str, allowed: str) -> None:
     if method != allowed:
-        raise RequestError(405, "unsupported", f"this path accepts {allowed}")
+        raise RequestError(405, "unsupported", f"this path accepts {allowed}", allow=allowed)
 
 
 def _started(service):
@@ -121,7 +122,7 @@ async def _infer(service, request: Request, name: str, version: str) -> Response
             415, "unsupported", f"inference requests are JSON, optionally followed by binary data; got {kind}"
         )
     header_length = request.headers.get(b"inference-header-content-length")
-    parsed = v2_tensors.parse(await request.body(), None if header_length is None else header_length.decode("latin-1"))
+    parsed = v2_tensors.parse(await request.body(), header_length)
     meta = service.v2_models[name]
     expected = meta["inputs"][0]["name"]
     if [t.name for t in parsed.inputs] != [expected]:
@@ -135,6 +136,14 @@ async def _infer(service, request: Request, name: str, version: str) -> Response
     if name == CONVNET:
         x = _checked(tensor, meta["inputs"][0], limit)
         done = await service.batcher.submit("normalized", np.ascontiguousarray(x, dtype=np.float32), len(x))
+        if not np.isfinite(done.log_probs).all():  # inputs far outside the normalized range (about -0.4..2.8)
+            i = int(np.argwhere(~np.isfinite(done.log_probs))[0][0])
+            raise RequestError(
+                400,
+                "bad_shape",
+                f"the network's output for images[{i}] is not finite: its input "
+                "values are far outside the normalized range (MNIST's is about -0.42..2.83)",
+            )
         values = {known[0]: done.log_probs}
     else:
         done = await _classify(service, tensor, meta, limit)
@@ -155,7 +164,8 @@ async def _infer(service, request: Request, name: str, version: str) -> Response
 async def _classify(service, tensor: v2_tensors.Tensor, meta: dict, limit: int):
     if tensor.datatype == "BYTES":
         _check_shape(tensor, [-1], limit)
-        return await service.batcher.submit("encoded", tensor.value, max(1, len(tensor.value)))
+        pixels = sum(declared_pixels(f, service.settings.max_image_pixels) for f in tensor.value)
+        return await service.batcher.submit("encoded", tensor.value, max(1, len(tensor.value)), pixels=pixels)
     x = _checked(tensor, {"name": tensor.name, "datatype": "UINT8", "shape": meta["uint8_shape"]}, limit)
     return await service.batcher.submit("pixels", x.astype(np.float32) / 255.0, len(x))
 

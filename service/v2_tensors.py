@@ -9,6 +9,8 @@ elements, each a 4-byte little-endian length and then its bytes. Nothing here is
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -17,8 +19,14 @@ import numpy as np
 from service.errors import RequestError, bad_request, too_large
 
 DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8")}
-MAX_JSON_BYTES = 4 * 1024 * 1024  # parsed on the worker's event loop: about 40 ms at most; binary is for bulk
+# The JSON part is parsed on the worker's event loop, so its cost is bounded before parsing: its size (a
+# 64-image FP32 request in flat JSON is about 1 MB) and its number of arrays and objects (tens of thousands
+# of tiny nested lists parse slowly: 1.4 s for 4 MB of [[0],[0],...]). Binary tensors are for bulk.
+MAX_JSON_BYTES = 1536 * 1024
+MAX_JSON_CONTAINERS = 4096
+MAX_ELEMENTS = 1 << 24  # of any one tensor; the model's limits are far smaller and are checked next
 _LENGTH = struct.Struct("<I")
+_HEADER_LENGTH = re.compile(rb"[0-9]{1,12}")
 
 
 @dataclass
@@ -37,18 +45,25 @@ class InferRequest:
     binary: dict[str, bool]  # output name -> answer it as binary; "*": the request's default
 
 
-def parse(body: bytes, header_length: str | None) -> InferRequest:
+def parse(body: bytes, header_length: bytes | None) -> InferRequest:
     """An inference request, its tensors checked against their declared shapes and byte counts."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise bad_request(f"Inference-Header-Content-Length is {header_length!r}; the body is {len(body)} bytes")
-        json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
+        length = header_length.strip()
+        if not _HEADER_LENGTH.fullmatch(length) or int(length) > len(body):
+            shown = length[:20].decode("latin-1")
+            raise bad_request(f"Inference-Header-Content-Length is {shown!r}; the body is {len(body)} bytes")
+        json_part, binary = body[: int(length)], memoryview(body)[int(length) :]
     else:
         json_part, binary = body, memoryview(b"")
     if len(json_part) > MAX_JSON_BYTES:
         raise too_large(
             f"the JSON part of the request is {len(json_part)} bytes; the limit is {MAX_JSON_BYTES}: send large "
             "tensors with the binary tensor data extension"
+        )
+    if json_part.count(b"[") + json_part.count(b"{") > MAX_JSON_CONTAINERS:
+        raise bad_request(
+            f"the request's JSON holds more than {MAX_JSON_CONTAINERS} arrays and objects: send each tensor's data "
+            "as one flat list (or as binary)"
         )
     doc = _object(json_part)
     inputs, offset = [], 0
@@ -58,8 +73,8 @@ def parse(body: bytes, header_length: str | None) -> InferRequest:
         offset += used
     if offset != len(binary):
         raise bad_request(f"the request carries {len(binary)} bytes of binary data; its inputs declare {offset}")
-    params = doc.get("parameters") or {}
-    binary_flags = {"*": bool(params.get("binary_data_output", False))}
+    params = _parameters(doc, "the request")
+    binary_flags = {"*": _flag(params, "binary_data_output", "the request")}
     outputs = None
     if "outputs" in doc:
         outputs = []
@@ -67,11 +82,30 @@ def parse(body: bytes, header_length: str | None) -> InferRequest:
             name = out.get("name") if isinstance(out, dict) else None
             if not isinstance(name, str):
                 raise bad_request(f"outputs[{j}] needs a name")
+            if name in outputs:
+                raise bad_request(f"output {name!r} is asked for twice")
             outputs.append(name)
-            if "binary_data" in (out.get("parameters") or {}):
-                binary_flags[name] = bool(out["parameters"]["binary_data"])
+            out_params = _parameters(out, f"output {name!r}")
+            if "binary_data" in out_params:
+                binary_flags[name] = _flag(out_params, "binary_data", f"output {name!r}")
     request_id = doc.get("id")
     return InferRequest(None if request_id is None else str(request_id), inputs, outputs, binary_flags)
+
+
+def _parameters(owner: dict, where: str) -> dict:
+    params = owner.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_request(f"{where}: parameters must be a JSON object")
+    return params
+
+
+def _flag(params: dict, name: str, where: str) -> bool:
+    value = params.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"{where}: parameters.{name} must be true or false")
+    return value
 
 
 def _object(data: bytes) -> dict:
@@ -101,10 +135,12 @@ def _tensor(spec, i: int, binary: memoryview) -> tuple[Tensor, int]:
     where = f"input {name!r}" if isinstance(name, str) else f"inputs[{i}]"
     if not isinstance(name, str) or not isinstance(datatype, str):
         raise bad_request(f"{where} needs a name and a datatype")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:80]}")
+    count = math.prod(shape)  # Python integers: no overflow whatever the dimensions
+    if count > MAX_ELEMENTS:
+        raise too_large(f"{where}: shape {str(shape)[:80]} holds {count} elements; a tensor may hold {MAX_ELEMENTS}")
+    size = _parameters(spec, where).get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or size > len(binary):
             raise bad_request(f"{where}: binary_data_size {size!r} does not fit the {len(binary)} bytes that follow")
@@ -118,6 +154,8 @@ def _from_binary(raw: memoryview, datatype: str, shape: list[int], count: int, w
     if datatype == "BYTES":
         elements, pos = [], 0
         while pos < len(raw):
+            if len(elements) == count:  # more than the shape holds: no need to read the rest
+                raise bad_request(f"{where}: shape {shape} holds {count} elements; the data holds more")
             if pos + 4 > len(raw) or pos + 4 + (n := _LENGTH.unpack_from(raw, pos)[0]) > len(raw):
                 raise bad_request(f"{where}: a BYTES element's length runs past the data")
             elements.append(bytes(raw[pos + 4 : pos + 4 + n]))
@@ -137,15 +175,40 @@ def _from_json(data, datatype: str, shape: list[int], count: int, where: str) ->
     if datatype == "BYTES":
         raise bad_request(f"{where}: send BYTES tensors (image files) with the binary tensor data extension")
     dtype = _dtype(datatype, where)
+    flat = _flat_numbers(data, where, integers=dtype.kind != "f")
+    if len(flat) != count:
+        raise bad_request(f"{where}: shape {shape} holds {count} values; data holds {len(flat)}")
     try:
-        values = np.asarray(data, dtype=np.float64 if dtype.kind == "f" else np.int64).ravel()
-    except (ValueError, TypeError, OverflowError):
-        raise bad_request(f"{where}: data must be numbers (a flat or nested list)") from None
-    if values.size != count:
-        raise bad_request(f"{where}: shape {shape} holds {count} values; data holds {values.size}")
-    if dtype.kind == "u" and values.size and (values.min() < 0 or values.max() > np.iinfo(dtype).max):
-        raise bad_request(f"{where}: {datatype} values must be in 0..{np.iinfo(dtype).max}")
+        values = np.asarray(flat, dtype=np.float64 if dtype.kind == "f" else np.int64)
+    except OverflowError:
+        raise bad_request(f"{where}: a value is too large for {datatype}") from None
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise bad_request(f"{where}: {datatype} values must be in {info.min}..{info.max}")
     return values.astype(dtype).reshape(shape)
+
+
+def _flat_numbers(data, where: str, integers: bool) -> list:
+    """The values of a flat or nested list; JSON true, strings and (for integer types) fractions refused."""
+    flat = data if isinstance(data, list) and not any(isinstance(v, list) for v in data) else None
+    if flat is None:
+        if not isinstance(data, list):
+            raise bad_request(f"{where}: data must be a list of numbers")
+        flat = []
+        stack = [data]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, list):
+                stack.extend(reversed(item))
+            else:
+                flat.append(item)
+    allowed = (int,) if integers else (int, float)
+    if not all(type(v) in allowed for v in flat):
+        bad = next(v for v in flat if type(v) not in allowed)
+        kind = "integers" if integers else "numbers"
+        raise bad_request(f"{where}: data must be {kind}; found {str(bad)[:20]!r} ({type(bad).__name__})")
+    return flat
 
 
 def _dtype(datatype: str, where: str) -> np.dtype:
@@ -169,5 +232,5 @@ def encode(
         else:
             entry["data"] = array.ravel().tolist()
         described.append(entry)
-    head = json.dumps({**header, "outputs": described}).encode()
+    head = json.dumps({**header, "outputs": described}, allow_nan=False).encode()
     return (head + b"".join(chunks), len(head)) if chunks else (head, None)

@@ -141,7 +141,7 @@ def serve(sock: socket.socket) -> int:
     init = receive(sock)
     if init is None:
         return 0
-    from service.runtime import ModelFileError
+    from service.model_files import ModelFileError
 
     try:
         work = Work(init)

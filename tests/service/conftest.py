@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -81,11 +82,17 @@ def serve(log_dir, **env):
     """`bentoml serve` with extra environment (MNIST_* settings), ready on a free port; stopped afterwards."""
     port = free_port()
     log_path = log_dir / f"serve-{port}.log"
+    # Each server gets its own BENTOML_HOME over the session's model store: `bentoml serve` empties
+    # $BENTOML_HOME/prometheus_multiproc_dir when it starts, which would wipe the metrics of a server already
+    # running from the same home (and /metrics would sum the processes of every server sharing it).
+    home = log_dir / f"bentoml-home-{port}"
+    home.mkdir()
+    (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO,
-            env={**os.environ, **{k: str(v) for k, v in env.items()}},
+            env={**os.environ, "BENTOML_HOME": str(home), **{k: str(v) for k, v in env.items()}},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

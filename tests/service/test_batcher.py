@@ -27,6 +27,9 @@ class Recorder:
     def observe_batch(self, stats, seconds):
         self.model_images.append(stats.model_images)
 
+    def observe_answer(self, done, kind):
+        pass
+
 
 @pytest.fixture(scope="module")
 def make_batcher(book_export):
@@ -175,6 +178,43 @@ def test_the_queue_is_bounded_in_seconds_of_work_too(make_batcher, digits):
     refused = asyncio.run(scenario())
     assert refused.status == 503 and "s of work queued and the limit is 1e-06 s" in refused.message
     assert refused.retry_after >= 1
+
+
+def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digits):
+    """Small requests teach the batcher a price per unit of work; behind a running request, one that declares
+    many pixels is priced at many times a small one with as many images: refused past the queue's bound in
+    seconds, where the small one is let in. (A price per image let twenty 25-megapixel requests in; a price per
+    pixel alone, learned on 28x28 images, refused every large one.)"""
+    batcher = make_batcher(max_queue_s=0.05)
+    files, _ = digits
+
+    async def scenario():
+        for _ in range(20):  # the price is a moving average: enough batches to forget the cold first one
+            await batcher.submit("encoded", files[:8], 8)  # 8 x 784 pixels each
+        running = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(batcher.submit("encoded", files[:2], 2))
+        await asyncio.sleep(0)
+        with pytest.raises(RequestError) as refused:
+            await batcher.submit("encoded", files[:2], 2, pixels=50_000_000)
+        await asyncio.gather(running, small)
+        return refused.value, small.result()
+
+    refused, small = asyncio.run(scenario())
+    assert refused.status == 503 and "s of work queued and the limit is 0.05 s" in refused.message
+    assert len(small.log_probs) == 2
+
+
+def test_a_batch_holds_at_most_one_requests_pixel_budget(make_batcher, digits):
+    recorder = Recorder()
+    batcher = make_batcher(recorder, max_request_pixels=10_000)
+    files, _ = digits
+
+    async def scenario():  # each request declares 6,000 pixels: two would pass the 10,000 of a batch
+        return await asyncio.gather(*(batcher.submit("encoded", files[:1], 1, pixels=6_000) for _ in range(6)))
+
+    asyncio.run(scenario())
+    assert recorder.model_images == [1] * 6
 
 
 def test_a_refused_request_keeps_nothing_alive_in_the_work_process(book_export, digits):

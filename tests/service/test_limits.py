@@ -103,8 +103,10 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
             % (content_type.encode(), len(body), body)
         )
-        while httpx.get(url + "/model_info").json()["batcher"]["queued_requests"] == 0:
-            pass  # until it waits in the queue; then the client goes away
+        deadline = time.monotonic() + 60
+        while (state := httpx.get(url + "/model_info").json()["batcher"])["queued_requests"] == 0:
+            # until it waits in the queue; then the client goes away
+            assert time.monotonic() < deadline and not big.done(), f"the small request never queued: {state}"
     assert big.result().status_code == 200
     after = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
     assert after == before + 1
@@ -142,6 +144,20 @@ def test_an_oversized_request_head_gets_431(small_server, where):
     answer = raw_exchange(small_server.port, head.encode())
     assert answer.startswith(b"HTTP/1.1 431 ") and b"over 65536 bytes" in answer
     assert httpx.get(small_server.url + "/livez").status_code == 200
+
+
+def test_a_header_value_that_never_ends_gets_431(small_server):
+    with socket.create_connection(("127.0.0.1", small_server.port), timeout=30) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        answer = b""
+        try:
+            for _ in range(64):  # 4 MiB at most; the server must answer long before
+                sock.sendall(b"a" * 65536)
+        except OSError:
+            pass  # it closed the connection after answering
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ")
 
 
 def test_past_the_connection_cap_a_new_connection_gets_503_and_retry_after(small_server):

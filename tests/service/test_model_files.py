@@ -35,6 +35,22 @@ def _flip(path, start=50_000, length=4096):
     path.write_bytes(bytes(data))
 
 
+def _edit(model_dir, change):
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    change(manifest)
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _replace_with_link(path, target):
+    path.unlink()
+    path.symlink_to(target)
+
+
+def _replace_with_fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
 def _rehash(model_dir):
     """A manifest that agrees with whatever convnet.onnx now holds (as if a broken file had been exported)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -55,10 +71,24 @@ BREAKAGES = {  # name -> (how to break the copied store, what the one line must 
         lambda d: (d / "convnet.onnx").write_bytes((d / "convnet.onnx").read_bytes()[:5000]),
         "convnet.onnx does not match its manifest",
     ),
-    "missing file": (lambda d: (d / "convnet.onnx").unlink(), "convnet.onnx cannot be read"),
+    "missing file": (lambda d: (d / "convnet.onnx").unlink(), "convnet.onnx is missing"),
     "missing manifest": (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
     "manifest not JSON": (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json cannot be read"),
-    "manifest of something else": (lambda d: (d / "manifest.json").write_text("[1, 2]"), "is not an export manifest"),
+    "manifest of something else": (lambda d: (d / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
+    "manifest without an output": (lambda d: _edit(d, lambda m: m.pop("output")), "(output: name and dtype)"),
+    "manifest of another dtype": (
+        lambda d: _edit(d, lambda m: m["input"].update(dtype="float16")),
+        "(input: name and dtype)",
+    ),
+    "manifest without opset": (lambda d: _edit(d, lambda m: m.pop("opset")), "(opset)"),
+    "manifest pointing outside": (
+        lambda d: _edit(d, lambda m: m["artifacts"]["onnx"].update(file="../../../etc/passwd")),
+        "a plain file name",
+    ),
+    "manifest nested deeply": (lambda d: (d / "manifest.json").write_text("[" * 200_000), "cannot be read"),
+    "manifest a device": (lambda d: _replace_with_link(d / "manifest.json", "/dev/zero"), "is not a regular file"),
+    "model a fifo": (lambda d: _replace_with_fifo(d / "convnet.onnx"), "is not a regular file"),
+    "model.yaml garbage": (lambda d: (d / "model.yaml").write_text("{{{: ["), "model store entry cannot be read"),
     "unparseable model, manifest agreeing": (
         lambda d: ((d / "convnet.onnx").write_bytes(b"\x08\x07garbage" * 100), _rehash(d)),
         "is not a model ONNX Runtime can load",

@@ -3,6 +3,7 @@ NVIDIA's tritonclient and KServe's InferenceRESTClient; plus the protocol's erro
 
 import asyncio
 import json
+import socket
 
 import httpx
 import numpy as np
@@ -157,6 +158,55 @@ FP32_ONE = {"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data
             "Inference-Header-Content-Length",
         ),
         ("/v2/models/mnist/infer", {"inputs": [FP32_ONE]}, None, 400, "must be UINT8, got FP32"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "shape": [2**32, 2**32]}]}, None, 413, "may hold"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "shape": [2**64]}]}, None, 413, "may hold"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [FP32_ONE], "parameters": "yes"}, None, 400, "JSON object"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "parameters": "x"}]}, None, 400, "JSON object"),
+        (
+            "/v2/models/mnist-convnet/infer",
+            {"inputs": [FP32_ONE], "outputs": [{"name": "log_probs", "parameters": "binary"}]},
+            None,
+            400,
+            "JSON object",
+        ),
+        (
+            "/v2/models/mnist-convnet/infer",
+            {"inputs": [FP32_ONE], "parameters": {"binary_data_output": "yes"}},
+            None,
+            400,
+            "true or false",
+        ),
+        (
+            "/v2/models/mnist-convnet/infer",
+            {"inputs": [FP32_ONE], "outputs": [{"name": "log_probs"}] * 3},
+            None,
+            400,
+            "asked for twice",
+        ),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "data": [3e38] * 784}]}, None, 400, "not finite"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "data": [True] * 784}]}, None, 400, "numbers"),
+        ("/v2/models/mnist-convnet/infer", {"inputs": [{**FP32_ONE, "data": ["1"] * 784}]}, None, 400, "numbers"),
+        (
+            "/v2/models/mnist/infer",
+            {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28], "data": [1.5] * 784}]},
+            None,
+            400,
+            "integers",
+        ),
+        (
+            "/v2/models/mnist-convnet/infer",
+            {"inputs": [{**FP32_ONE, "data": [[0.0]] * 784}], "pad": [[0]] * 5000},
+            None,
+            400,
+            "more than 4096 arrays",
+        ),
+        (
+            "/v2/models/mnist-convnet/infer",
+            {"inputs": [FP32_ONE]},
+            {"inference-header-content-length": b"\xb2"},
+            400,
+            "Inference-Header",
+        ),
         ("/v2/models/mnist/infer", {"inputs": [{**FP32_ONE, "datatype": "BYTES"}]}, None, 400, "binary tensor"),
     ],
 )
@@ -164,6 +214,28 @@ def test_protocol_errors_are_clear_4xx(server, path, payload, headers, status, f
     response = _infer(server, None, payload, headers, path)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
+
+
+def test_bytes_elements_past_the_shape_are_refused_at_once(server):
+    raw = b"\0\0\0\0" * 1_000_000  # a million empty elements for a shape of one
+    tensor = {"name": "images", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    response = _infer(server, "mnist", header + raw, {"inference-header-content-length": str(len(header))})
+    assert response.status_code == 400 and "holds 1 elements; the data holds more" in response.text
+
+
+def test_header_length_with_whitespace_and_405_with_allow(server):
+    header = json.dumps({"inputs": [{**FP32_ONE, "data": None, "parameters": {"binary_data_size": 3136}}]}).encode()
+    body = header + bytes(3136)
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # httpx will not send the spaces
+        sock.sendall(
+            b"POST /v2/models/mnist-convnet/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Inference-Header-Content-Length: %d \r\nContent-Length: %d\r\n\r\n%s" % (len(header), len(body), body)
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+    wrong = httpx.post(server + "/v2/health/live")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET"
 
 
 def test_binary_byte_counts_are_checked(server):

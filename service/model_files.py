@@ -1,0 +1,118 @@
+"""The exported model's files as the service reads them: the manifest, checked field by field, and the model
+file, checked against the sha256 the export recorded before a single byte of it is used.
+
+Every problem is a ModelFileError whose message names the file and the fix (re-export) on one line: the
+service stops start-up with it, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+REEXPORT = "re-export the model (`make export`, or `python -m export build --checkpoint artifacts/convnet.pt`)"
+MAX_MANIFEST_BYTES = 1024 * 1024  # the export writes a few KB
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+DTYPES = ("float32",)
+
+
+class ModelFileError(Exception):
+    """The model's files cannot be served as exported; the message names the file and the fix, on one line."""
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "manifest.json"
+    data = _read_regular_file(path, MAX_MANIFEST_BYTES)
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFileError(f"{path} cannot be read ({str(exc)[:120] or type(exc).__name__}); {REEXPORT}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ModelFileError(f"{path} is not a valid export manifest ({problem}); {REEXPORT}")
+    return manifest
+
+
+def read_verified(model_dir: str | os.PathLike, manifest: dict, fmt: str) -> tuple[str, bytes, str]:
+    """The bytes of the ``fmt`` file, checked against the manifest: (file name, bytes, sha256). The model is
+    then built from these very bytes, so what is served is what was checked."""
+    artifact = manifest["artifacts"].get(fmt)
+    if not artifact:
+        raise ModelFileError(f"the manifest in {model_dir} lists no {fmt} file; {REEXPORT}")
+    path = Path(model_dir) / artifact["file"]
+    data = _read_regular_file(path, min(MAX_MODEL_BYTES, artifact["bytes"] + 1))
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != artifact["sha256"]:
+        raise ModelFileError(
+            f"{path} does not match its manifest (sha256 {digest[:12]}..., {len(data)} bytes; exported as "
+            f"{artifact['sha256'][:12]}..., {artifact['bytes']} bytes): it changed after export; {REEXPORT}"
+        )
+    return artifact["file"], data, digest
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file (not a FIFO, a device or a directory, which could block or
+    never end)."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelFileError(f"{path} is not a regular file; {REEXPORT}")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path} is missing; {REEXPORT}") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc.strerror or exc}); {REEXPORT}") from None
+    if len(data) > limit:
+        raise ModelFileError(f"{path} is larger than the export ever writes ({limit} bytes); {REEXPORT}")
+    return data
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a manifest, as the path of the first bad field, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    artifacts = m.get("artifacts")
+    if not isinstance(artifacts, dict) or not artifacts:
+        return "artifacts"
+    for fmt, a in artifacts.items():
+        if not isinstance(a, dict):
+            return f"artifacts.{fmt}"
+        name = a.get("file")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            return f"artifacts.{fmt}.file: a plain file name in the model's folder"
+        if not isinstance(a.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", a["sha256"]):
+            return f"artifacts.{fmt}.sha256"
+        if type(a.get("bytes")) is not int or a["bytes"] < 0:
+            return f"artifacts.{fmt}.bytes"
+    norm = m.get("normalization")
+    if not isinstance(norm, dict) or not _number(norm.get("mean")) or not _number(norm.get("std")) or norm["std"] <= 0:
+        return "normalization: mean and a positive std"
+    for key in ("input", "output"):
+        t = m.get(key)
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("dtype") not in DTYPES:
+            return f"{key}: name and dtype"
+        if not isinstance(t.get("shape"), list) or not all(isinstance(d, (int, str)) for d in t["shape"]):
+            return f"{key}.shape"
+    classes = m["output"]["shape"][-1:]
+    if not classes or type(classes[0]) is not int:
+        return "output.shape: the number of classes last"
+    config = m.get("model_config")
+    if not isinstance(config, dict) or type(config.get("image_size")) is not int:
+        return "model_config.image_size"
+    verification = m.get("verification")
+    if not isinstance(verification, dict) or not isinstance(verification.get("passed"), bool):
+        return "verification.passed"
+    if not _number(verification.get("eager_test_accuracy")):
+        return "verification.eager_test_accuracy"
+    if type(m.get("opset")) is not int:
+        return "opset"
+    return None
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float)
