@@ -2,13 +2,13 @@
 
 Starts the servers named, all at once, and takes wrk windows from each in turn (the CPU share of this
 machine drifts, so compared windows must alternate), then prints medians as a Markdown table. Besides the
-servers of ``make bench`` (bento-batched, bento-unbatched, book-flask, bento-noop) it can start:
+servers of ``make bench`` (bento, bento-unbatched, book-flask, bento-noop) it can start:
 
 - ``--variant NAME:VAR=VALUE,...``: our service with extra environment (e.g. ``w1:MNIST_WORKERS=1``);
 - ``--ref NAME:GITREF``: our service as it was at a commit, from a temporary ``git worktree``.
 
 Example, this session's changes against the commit before them:
-``python -m bench.ab bento-batched book-flask --ref before:fdafae6 --clients 64 --rounds 3``
+``python -m bench.ab bento book-flask --ref before:fdafae6 --clients 64 --rounds 3``
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench import http
-from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
+from training.data import DataError, Normalization, load_mnist, resolve_data_dir, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
 BOOK = REPO.parent / "shared" / "book" / "convnet.pth"
@@ -53,7 +53,7 @@ def requests(images, per_request: int = 1) -> dict[str, tuple[str, bytes, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
-    p.add_argument("servers", nargs="*", default=["bento-batched", "book-flask"])
+    p.add_argument("servers", nargs="*", default=["bento", "book-flask"])
     p.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE,...")
     p.add_argument("--ref", action="append", default=[], metavar="NAME:GITREF")
     p.add_argument("--clients", type=int, default=64)
@@ -101,4 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except DataError as exc:  # no MNIST: one line that says where to put it, not a traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -31,6 +31,7 @@ local f = io.open(os.getenv("WRK_BODY"), "rb"); local body = f:read("*all"); f:c
 wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = os.getenv("WRK_CTYPE")
+for name, value in (os.getenv("WRK_HEADERS") or ""):gmatch("([^:\\n]+):%s*([^\\n]*)") do wrk.headers[name] = value end
 done = function(s, latency, requests)
   io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
     .. '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d}\\n', s.requests, s.duration,
@@ -133,7 +134,7 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> dict:
+def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float, headers: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "body").write_bytes(body)
         (Path(tmp) / "s.lua").write_text(WRK_SCRIPT)
@@ -155,7 +156,12 @@ def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float) -> 
             ],
             capture_output=True,
             text=True,
-            env={**os.environ, "WRK_BODY": str(Path(tmp) / "body"), "WRK_CTYPE": ctype},
+            env={
+                **os.environ,
+                "WRK_BODY": str(Path(tmp) / "body"),
+                "WRK_CTYPE": ctype,
+                "WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
+            },
             timeout=seconds + 60,
         )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
@@ -204,14 +210,13 @@ def median_of(windows: list[dict]) -> dict:
 def bento_server(name: str, bentoml_home: str, env: dict | None = None, cwd: Path = REPO, target: str = "") -> Server:
     """`bentoml serve` from ``cwd`` (our service, unless ``target`` names another), with extra environment."""
     argv = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
-    return Server(
-        name, argv + ([target] if target else []), "/readyz", {"BENTOML_HOME": bentoml_home, **(env or {})}, cwd
-    )
+    env = {"BENTOML_HOME": bentoml_home, "MNIST_DRAIN_S": "0", **(env or {})}  # a benchmark stops it at once
+    return Server(name, argv + ([target] if target else []), "/readyz", env, cwd)
 
 
 def servers(book_checkpoint: str, bentoml_home: str) -> dict[str, Server]:
     return {
-        "bento-batched": bento_server("bento-batched", bentoml_home),
+        "bento": bento_server("bento", bentoml_home),
         "bento-unbatched": bento_server("bento-unbatched", bentoml_home, {"MNIST_BATCHING": "0"}),
         "book-flask": Server(
             "book-flask",
@@ -266,14 +271,24 @@ def interleaved(
     ``alone`` freezes the other servers during each one's warm-up and windows: some poll while idle (LitServe's
     workers and Ray's cluster each took about a tenth of this machine doing nothing) and would otherwise take
     that from the server being measured."""
-    for name, (path, body, ctype, _) in loads.items():
+    for name, (path, body, ctype, _, *headers) in loads.items():
         with only(live, name, alone):
-            wrk(live[name].url + path, body, ctype, min(clients, 8), 1)
+            wrk(live[name].url + path, body, ctype, min(clients, 8), 1, *headers)
             settle(live[name].url + live[name].ready_path)
     windows: dict[str, list[dict]] = {name: [] for name in loads}
     for _ in range(rounds):
-        for name, (path, body, ctype, seconds) in loads.items():
+        for name, (path, body, ctype, seconds, *headers) in loads.items():
             with only(live, name, alone):
-                windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds))
+                windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds, *headers))
                 settle(live[name].url + live[name].ready_path)
     return windows
+
+
+def v2_binary_request(name: str, datatype: str, array: np.ndarray) -> tuple[bytes, str, dict]:
+    """An Open Inference Protocol request with one binary input and binary outputs: (body, content type,
+    headers), as tritonclient sends it."""
+    raw = np.ascontiguousarray(array).tobytes()
+    tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, "application/octet-stream", {"Inference-Header-Content-Length": str(len(header))}

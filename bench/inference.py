@@ -12,7 +12,7 @@ import torch
 from export.formats import FILES, load_runner
 from training.checkpoint import build_model, load_checkpoint
 
-BATCH_SIZES = (1, 8, 32, 128, 512)
+BATCH_SIZES = (1, 8, 32, 64, 128, 512)
 
 
 def _windows(run, x: np.ndarray, windows: int, window_s: float) -> list[float]:
@@ -26,6 +26,15 @@ def _windows(run, x: np.ndarray, windows: int, window_s: float) -> list[float]:
             n += len(x)
         rates.append(n / elapsed)
     return rates
+
+
+def onnx_one_thread(export_dir: Path, x: np.ndarray, windows: int = 5, window_s: float = 0.5) -> float:
+    """Images/s of ONNX Runtime in process with one intra-op thread, the setting of each work process."""
+    from export.formats import onnx_session
+
+    session = onnx_session(export_dir / FILES["onnx"], threads=1)
+    name = session.get_inputs()[0].name
+    return statistics.median(_windows(lambda b: session.run(None, {name: b})[0], x, windows, window_s))
 
 
 def measure(export_dir: Path, x_all: np.ndarray, windows: int = 5, window_s: float = 0.5) -> list[dict]:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench import http, inference, train_speed
-from training.data import Normalization, load_mnist, resolve_data_dir, to_model_input
+from bench import http, inference, stress, train_speed
+from training.data import DataError, Normalization, load_mnist, resolve_data_dir, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -64,38 +64,71 @@ def measure_memory(server: http.Server, body: bytes, ctype: str, seconds: int) -
     return {"rss_mb_before": before, "rss_mb_after": server.rss_mb(), "rss_mb_samples": samples, "seconds": seconds}
 
 
-def run_http(cfg: dict, checkpoint: str, home: str, images: np.ndarray, x_norm: np.ndarray) -> dict:
+def run_http(cfg: dict, checkpoint: str, home: str, export_dir: Path, images: np.ndarray, x_norm: np.ndarray) -> dict:
+    """Every server up at once, each measured alone in turn (the others frozen: bench.http.interleaved)."""
+    from bench.peers import peer_servers
+
     one_png, ctype1 = http.png_request(images, 1)
     many, ctype64 = http.png_request(images, 64)
-    plan = {  # server -> [(scenario, path, body, content type, images per request)]
-        "bento-batched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
-        "bento-unbatched": [("png1", "/predict", one_png, ctype1, 1), ("png64", "/predict", many, ctype64, 64)],
-        "book-flask": [("png1", "/test", *http.book_request(x_norm[0]), 1)],
-        "bento-noop": [("png1", "/noop", *http.NOOP_REQUEST, 1)],
-    }
-    rows, memory = [], {}
-    steps = sum(len(s) for s in plan.values()) * len(cfg["concurrency"])
-    bar = tqdm(total=steps, desc="http", unit="point", disable=None)
-    # All servers run at once and each window visits them in turn (http.interleaved).
+    peers = peer_servers(export_dir)
+    known = {**http.servers(checkpoint, home), **peers}
+    names = ["bento", "book-flask", "bento-noop", *peers]
+    # server -> (path, one-PNG body, content type); the book's server takes its own format, the no-op nothing
+    one = {name: (getattr(known[name], "predict_path", "/predict"), one_png, ctype1) for name in names}
+    one["book-flask"] = ("/test", *http.book_request(x_norm[0]))
+    one["bento-noop"] = ("/noop", *http.NOOP_REQUEST)
+    multi = [n for n in ["bento", *peers] if getattr(known[n], "multi_image", True)]
+    rows, extra = [], {}
+    steps = len(cfg["concurrency"]) * 2 + 2
+    bar = tqdm(total=steps, desc="http", unit="step", disable=None)
     with contextlib.ExitStack() as stack:
-        live = {name: stack.enter_context(server) for name, server in http.servers(checkpoint, home).items()}
-        for scenario in ("png1", "png64"):
-            # 64-image requests take tens of ms each: longer windows, so that a window holds many of them
-            targets = {name: step[1:] for name, steps_ in plan.items() for step in steps_ if step[0] == scenario}
-            loads = {
-                name: (path, body, ctype, cfg["window_s"] * (2 if per_request > 1 else 1))
-                for name, (path, body, ctype, per_request) in targets.items()
-            }
-            for c in cfg["concurrency"]:
-                windows = http.interleaved(live, loads, c, cfg["windows"])
-                for name, (*_, per_request) in targets.items():
-                    row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(windows[name])}
-                    row["images_per_s"] = row["requests_per_s"] * per_request
-                    rows.append(row)
-                    bar.update()
-        memory = measure_memory(live["bento-batched"], one_png, ctype1, cfg["memory_s"])
+        live = {name: stack.enter_context(known[name]) for name in names}
+        for c in cfg["concurrency"]:
+            loads = {name: (*one[name], cfg["window_s"]) for name in names}
+            for name, ws in http.interleaved(live, loads, c, cfg["windows"], alone=True).items():
+                rows.append({"server": name, "scenario": "png1", "concurrency": c, **http.median_of(ws)})
+            bar.update()
+            loads = {name: (one[name][0], many, ctype64, 2 * cfg["window_s"]) for name in multi}
+            for name, ws in http.interleaved(live, loads, c, cfg["windows"], alone=True).items():
+                rows.append({"server": name, "scenario": "png64", "concurrency": c, **http.median_of(ws)})
+            bar.update()
+        for row in rows:
+            row["images_per_s"] = row["requests_per_s"] * (64 if row["scenario"] == "png64" else 1)
+        with http.only(live, "bento", alone=True):
+            extra["v2"] = run_v2(live["bento"], cfg, images, x_norm)
+            bar.update()
+            url = live["bento"].url + "/predict"
+            extra["burst"] = stress.burst_recovery(url, one_png, ctype1, seconds=cfg["burst_s"])
+            extra["overload"] = stress.overload(url, one_png, ctype1, seconds=cfg["overload_s"])
+            extra["memory"] = measure_memory(live["bento"], one_png, ctype1, cfg["memory_s"])
+            bar.update()
     bar.close()
-    return {"rows": rows, "memory": memory}
+    return {"rows": rows, **extra}
+
+
+def run_v2(server: http.Server, cfg: dict, images: np.ndarray, x_norm: np.ndarray) -> list[dict]:
+    """The Open Inference Protocol with 64 images per request, binary both ways: the network on normalized
+    FP32 tensors, and the classifier on MNIST-format UINT8 pixels."""
+    loads = {
+        "mnist-convnet FP32": (
+            "/v2/models/mnist-convnet/infer",
+            *http.v2_binary_request("images", "FP32", x_norm[:64]),
+        ),
+        "mnist UINT8": ("/v2/models/mnist/infer", *http.v2_binary_request("images", "UINT8", images[:64])),
+    }
+    same = {name: server for name in loads}  # one server, two kinds of request, alternating
+    rows = []
+    for c in (1, 8):
+        windows = http.interleaved(
+            same,
+            {n: (path, body, ct, cfg["window_s"], hdr) for n, (path, body, ct, hdr) in loads.items()},
+            c,
+            cfg["windows"],
+        )
+        for name, ws in windows.items():
+            m = http.median_of(ws)
+            rows.append({"request": name, "concurrency": c, **m, "images_per_s": 64 * m["requests_per_s"]})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = (
         {
-            "concurrency": [1, 64],
+            "concurrency": [8, 64],
             "window_s": 3,
             "windows": 1,
             "memory_s": 10,
+            "burst_s": 5,
+            "overload_s": 5,
             "train_limit": 10_000,
             "train_rounds": 2,
             "inf_windows": 3,
@@ -120,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.quick
         else {
-            "concurrency": [1, 8, 32, 64],
+            "concurrency": [8, 64],
             "window_s": 5,
             "windows": 3,
             "memory_s": 60,
+            "burst_s": 15,
+            "overload_s": 10,
             "train_limit": None,
             "train_rounds": 3,
             "inf_windows": 5,
@@ -154,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         export_dir = Path(home) / "export"
         build(ExportConfig(checkpoint=checkpoint, out=str(export_dir), int8=not args.quick))
         result["inference"] = inference.measure(export_dir, x_norm, cfg["inf_windows"], cfg["inf_window_s"])
-        result["http"] = run_http(cfg, checkpoint, home, images[:64].numpy(), x_norm)
+        result["onnx_one_thread_batch64"] = inference.onnx_one_thread(
+            export_dir, x_norm[:64], cfg["inf_windows"], cfg["inf_window_s"]
+        )
+        result["http"] = run_http(cfg, checkpoint, home, export_dir, images[:64].numpy(), x_norm)
     result["seconds"] = time.perf_counter() - started
 
     from bench.report import write_all
@@ -165,4 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except DataError as exc:  # no MNIST: one line that says where to put it, not a traceback
+        raise SystemExit(f"error: {exc}") from None

@@ -18,7 +18,7 @@ import platform
 import signal
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         idle = idle_shares(live)
         rows = compare(live, images, args.clients, args.rounds, args.window, not args.no_freeze)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "rounds": args.rounds,
         "window_s": args.window,
