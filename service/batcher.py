@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import RequestError, overloaded
+from service.image_size import declared_pixels
 from service.worker import HEADER, pack, receive, send
 
 log = logging.getLogger("service.batcher")
@@ -107,7 +108,7 @@ class WorkProcess:
 
 @dataclass
 class Pending:
-    job: tuple  # (job id, input kind, payload, want inputs), as service/worker.py takes it
+    job: tuple  # (job id, input kind, payload, want inputs, declared pixels per file), as service/worker.py takes it
     images: int  # its weight in the image bounds (an upper bound where the payload is not parsed yet)
     pixels: int  # the pixels its images declare: its weight in the batch's pixel bound
     units: int  # its estimated work: pixels + IMAGE_UNITS per image
@@ -159,15 +160,18 @@ class Batcher:
             "counters": {k: v for k, v in vars(c).items() if k != "last_batch"},
         }
 
-    async def submit(self, kind: str, payload, images: int, want_inputs: bool = False, pixels: int | None = None):
+    async def submit(self, kind: str, payload, images: int, want_inputs: bool = False):
         """The work process's answer for one request: a worker.Done, or the RequestError it raised."""
         if not self.processes:
             raise RequestError(503, "unavailable", "no work process is running; retry later", self.config.retry_after_s)
-        pixels = images * MNIST_PIXELS if pixels is None else pixels
+        declared = None
+        if kind == "encoded":  # what each file's header says; the work process refuses a file that decodes larger
+            declared = [declared_pixels(data, self.config.max_image_pixels) for data in payload]
+        pixels = images * MNIST_PIXELS if declared is None else sum(declared)
         units = pixels + images * IMAGE_UNITS
         self._admit(images, units)
         future = asyncio.get_running_loop().create_future()
-        pending = Pending((next(self._ids), kind, payload, want_inputs), images, pixels, units, future)
+        pending = Pending((next(self._ids), kind, payload, want_inputs, declared), images, pixels, units, future)
         self.admitted += images
         self.admitted_units += units
         self.queue.append(pending)
@@ -242,6 +246,7 @@ class Batcher:
             )
         except (TimeoutError, WorkerFailed, OSError) as exc:
             reason = f"ran past {self.config.work_timeout_s:g} s" if isinstance(exc, asyncio.TimeoutError) else exc
+            self._learn_price(time.perf_counter() - started, sum(p.units for p in batch))  # at least this dear
             log.error("work process %s failed on a batch of %d requests: %s", process.proc.pid, len(batch), reason)
             self._fail(
                 batch,
@@ -260,9 +265,9 @@ class Batcher:
             self._replace(process)
             return
         seconds = time.perf_counter() - started
-        per_unit = seconds / max(1, sum(p.units for p in batch))
-        previous = self.seconds_per_unit or per_unit
-        self.seconds_per_unit = 0.8 * previous + 0.2 * per_unit
+        # priced on the requests that were served: a refused one cost little whatever it declared, and counting
+        # its units would let cheap refusals (truncated files declaring 25 megapixels) talk the price down
+        self._learn_price(seconds, sum(p.units for p in batch if not isinstance(answers[p.job[0]], Exception)))
         if self.metrics is not None:
             self.metrics.observe_batch(stats, seconds)
         for pending in batch:
@@ -274,6 +279,13 @@ class Batcher:
                     pending.future.set_result(answer)
         self.idle.append(process)
         self._dispatch()
+
+    def _learn_price(self, seconds: float, units: int) -> None:
+        """The seconds per unit of work: a moving average over batches (none learned from a batch with no units)."""
+        if units:
+            per_unit = seconds / units
+            previous = self.seconds_per_unit or per_unit
+            self.seconds_per_unit = 0.8 * previous + 0.2 * per_unit
 
     def _fail(self, batch: list[Pending], error: RequestError) -> None:
         for pending in batch:

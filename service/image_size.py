@@ -1,9 +1,11 @@
 """How many pixels an encoded image declares, read from its first bytes without a decoder: the batcher's
 estimate of what a request will cost, on the event loop, before the request is queued.
 
-It reads the fixed headers of PNG, GIF, BMP, JPEG (its frame marker), WebP and PGM/PPM with bounded loops and no
-allocation; any other file, or one it cannot read, counts as the largest image allowed. The work process reads
-the real header with Pillow and enforces the budgets; this only sizes the queue.
+It reads the fixed headers of PNG, GIF, BMP, JPEG (its frame marker), WebP, TIFF (its first directory) and
+PGM/PPM with bounded loops and no allocation; any other file, or one it cannot read, counts as the largest image
+allowed. The work process reads the real header with Pillow, enforces the budgets, and refuses a file that opens
+larger than it was priced here (service/inputs.py): a file whose header understates its size gets a 400, never
+more work than the queue accounted for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import struct
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame markers
 _PNM = re.compile(rb"P[1-6](?:\s+|#[^\n]*\n)+(\d{1,9})(?:\s+|#[^\n]*\n)+(\d{1,9})")
 MAX_JPEG_SEGMENTS = 256
+MAX_TIFF_ENTRIES = 1024
 
 
 def declared_pixels(data: bytes, largest: int) -> int:
@@ -39,6 +42,8 @@ def _size(d: bytes) -> tuple[int, int] | None:
         return _jpeg(d)
     if d[:4] == b"RIFF" and d[8:12] == b"WEBP":
         return _webp(d)
+    if d[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff(d)
     if d[:1] == b"P" and (m := _PNM.match(d[:512])):
         return int(m.group(1)), int(m.group(2))
     return None
@@ -69,4 +74,24 @@ def _webp(d: bytes) -> tuple[int, int] | None:
     if chunk == b"VP8 ":
         width, height = struct.unpack("<HH", d[26:30])
         return width & 0x3FFF, height & 0x3FFF
+    return None
+
+
+def _tiff(d: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first directory: the page the service decodes."""
+    order = "<" if d[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", d[4:8])[0]
+    entries = struct.unpack(order + "H", d[ifd : ifd + 2])[0]
+    if entries > MAX_TIFF_ENTRIES:
+        return None
+    found = {}
+    for i in range(entries):
+        tag, kind, count = struct.unpack(order + "HHI", d[ifd + 2 + 12 * i : ifd + 10 + 12 * i])
+        if tag in (256, 257):
+            if count != 1 or kind not in (3, 4):  # SHORT or LONG, one value
+                return None
+            fmt = order + ("H" if kind == 3 else "I")
+            found[tag] = struct.unpack(fmt, d[ifd + 10 + 12 * i : ifd + 10 + 12 * i + struct.calcsize(fmt)])[0]
+    if 256 in found and 257 in found:
+        return found[256], found[257]
     return None

@@ -34,7 +34,9 @@ class Counts:
     decoded_pixels = 0
 
 
-def model_input(kind: str, payload, limits, mean: float, std: float) -> tuple[np.ndarray, np.ndarray | None]:
+def model_input(
+    kind: str, payload, limits, mean: float, std: float, declared: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from).
     ``normalized`` is already the model's input (the Open Inference Protocol's raw network): checked, not changed."""
     if kind == "normalized":
@@ -43,15 +45,15 @@ def model_input(kind: str, payload, limits, mean: float, std: float) -> tuple[np
             i = int(np.argwhere(~np.isfinite(payload))[0][0])
             raise _bad(f"images[{i}] holds NaN or infinite values; the network's input must be finite")
         return payload, None
-    images = to_mnist(kind, payload, limits)
+    images = to_mnist(kind, payload, limits, declared)
     return normalize(images, mean, std), images
 
 
-def to_mnist(kind: str, payload, limits) -> np.ndarray:
+def to_mnist(kind: str, payload, limits, declared: list[int] | None = None) -> np.ndarray:
     """One request's payload -> [N, 28, 28]: ``encoded`` image files (list of bytes), a ``json`` body
     ``{"images": [...]}`` (bytes), or ``pixels`` already in arrays (N x 28 x 28 in 0..1)."""
     if kind == "encoded":
-        return encoded_to_mnist(payload, limits)
+        return encoded_to_mnist(payload, limits, declared)
     if kind == "json":
         return pixels_to_mnist(json_images(payload), limits)
     if kind == "pixels":
@@ -66,11 +68,22 @@ def check_count(n: int, limits) -> None:
         raise too_large(f"{n} images in one request; the limit is {limits.max_images_per_request}")
 
 
-def encoded_to_mnist(files: list[bytes], limits) -> np.ndarray:
-    """Every header is read and checked against the request's budget before any image is decoded."""
+def encoded_to_mnist(files: list[bytes], limits, declared: list[int] | None = None) -> np.ndarray:
+    """Every header is read and checked against the request's budget before any image is decoded.
+
+    ``declared``: the pixels the batcher priced each file at (service/image_size.py reads its header without a
+    decoder). A file that Pillow opens larger than that says two different sizes (a GIF whose frame overflows
+    its screen, a JPEG with two frame markers, ...): refused, so that no request costs more than it was priced.
+    """
     check_count(len(files), limits)
     with _image_errors():
         images = [open_image(data, f"images[{i}]", limits) for i, data in enumerate(files)]
+        for i, img in enumerate(images):
+            if declared is not None and img.width * img.height > declared[i]:
+                raise ImageError(
+                    f"images[{i}] is inconsistent: its header declares {declared[i]} pixels but the image is "
+                    f"{img.width}x{img.height}; re-save it with an image editor or library"
+                )
         pixels = sum(img.width * img.height for img in images)
         if pixels > limits.max_request_pixels:
             raise OverBudget(

@@ -14,7 +14,6 @@ from service import multipart, v2
 from service.connections import DRAIN
 from service.errors import RequestError
 from service.frontend import Request, Response, Route
-from service.image_size import declared_pixels
 from service.runtime import predictions
 
 MIN_JSON_BYTES_PER_IMAGE = 28 * 28 * 2  # a digit and a comma per pixel: N images need at least N times this
@@ -43,8 +42,7 @@ async def predict(service, request: Request) -> Response:
     limit = service.settings.max_images_per_request
     parts = multipart.parse(await request.body(), content_type, "images", max_parts=limit)
     files = [part.data for part in parts]
-    pixels = sum(declared_pixels(f, service.settings.max_image_pixels) for f in files)
-    done = await service.batcher.submit("encoded", files, max(1, len(files)), request.flag("return_input"), pixels)
+    done = await service.batcher.submit("encoded", files, max(1, len(files)), request.flag("return_input"))
     return Response.json(predictions(done.log_probs, done.inputs))
 
 

@@ -21,7 +21,6 @@ from service import v2_tensors
 from service.connections import DRAIN
 from service.errors import RequestError, bad_request
 from service.frontend import Request, Response, Route
-from service.image_size import declared_pixels
 from service.runtime import softmax_from_log
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"
@@ -164,8 +163,7 @@ async def _infer(service, request: Request, name: str, version: str) -> Response
 async def _classify(service, tensor: v2_tensors.Tensor, meta: dict, limit: int):
     if tensor.datatype == "BYTES":
         _check_shape(tensor, [-1], limit)
-        pixels = sum(declared_pixels(f, service.settings.max_image_pixels) for f in tensor.value)
-        return await service.batcher.submit("encoded", tensor.value, max(1, len(tensor.value)), pixels=pixels)
+        return await service.batcher.submit("encoded", tensor.value, max(1, len(tensor.value)))
     x = _checked(tensor, {"name": tensor.name, "datatype": "UINT8", "shape": meta["uint8_shape"]}, limit)
     return await service.batcher.submit("pixels", x.astype(np.float32) / 255.0, len(x))
 

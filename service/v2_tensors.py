@@ -25,6 +25,8 @@ DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u
 MAX_JSON_BYTES = 1536 * 1024
 MAX_JSON_CONTAINERS = 4096
 MAX_ELEMENTS = 1 << 24  # of any one tensor; the model's limits are far smaller and are checked next
+MAX_BYTES_ELEMENTS = 4096  # of a BYTES tensor: each element is walked in Python, on the event loop
+MAX_RANK = 8  # numpy allows 64 dimensions; the models take 1 to 4
 _LENGTH = struct.Struct("<I")
 _HEADER_LENGTH = re.compile(rb"[0-9]{1,12}")
 
@@ -137,9 +139,16 @@ def _tensor(spec, i: int, binary: memoryview) -> tuple[Tensor, int]:
         raise bad_request(f"{where} needs a name and a datatype")
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
         raise bad_request(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:80]}")
-    count = math.prod(shape)  # Python integers: no overflow whatever the dimensions
-    if count > MAX_ELEMENTS:
-        raise too_large(f"{where}: shape {str(shape)[:80]} holds {count} elements; a tensor may hold {MAX_ELEMENTS}")
+    if len(shape) > MAX_RANK:
+        raise bad_request(f"{where}: shape has {len(shape)} dimensions; a tensor may have at most {MAX_RANK}")
+    # every dimension bounded too, not only their product: a zero elsewhere makes any product 0
+    count, largest = math.prod(shape), max(shape)  # Python integers: no overflow whatever the dimensions
+    limit = MAX_BYTES_ELEMENTS if datatype == "BYTES" else MAX_ELEMENTS
+    if count > limit or largest > limit:
+        raise too_large(
+            f"{where}: shape {str(shape)[:80]} holds {max(count, largest)} elements; a {datatype} tensor may hold "
+            f"{limit}"
+        )
     size = _parameters(spec, where).get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or size > len(binary):

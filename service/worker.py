@@ -96,15 +96,16 @@ class Work:
         self.runtime.log_probs(np.zeros((2, 1, 28, 28), dtype=np.float32))  # warm-up: first-call allocations
 
     def run(self, jobs: list[tuple]) -> tuple[dict, BatchStats]:
-        """jobs: (job id, input kind, payload, want inputs) -> ({job id: Done or RequestError}, stats)."""
+        """jobs: (job id, input kind, payload, want inputs, declared pixels) -> ({job id: Done or RequestError},
+        stats)."""
         from service.errors import RequestError
         from service.inputs import Counts, model_input
 
         answers, ready, decoded_before, pixels_before = {}, [], Counts.decoded_images, Counts.decoded_pixels
-        for job_id, kind, payload, want_inputs in jobs:
+        for job_id, kind, payload, want_inputs, declared in jobs:
             start = time.perf_counter()
             try:
-                x, seen = model_input(kind, payload, self.limits, self.mean, self.std)
+                x, seen = model_input(kind, payload, self.limits, self.mean, self.std, declared)
                 ready.append((job_id, x, seen if want_inputs else None, time.perf_counter() - start))
             except RequestError as exc:  # a fresh copy: the raised one's traceback holds the decoded images
                 answers[job_id] = RequestError(exc.status, exc.reason, exc.message, exc.retry_after)

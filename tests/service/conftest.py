@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.conftest import REPO
 
@@ -47,6 +47,17 @@ def http(service_module):
 def png_bytes(image_u8: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image_u8, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def big_png(side: int) -> bytes:
+    """A large, cheap-to-send PNG of a 7: a few tens of KB, ``side`` x ``side`` pixels to decode."""
+    img = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(img).line(
+        [(side * 0.3, side * 0.2), (side * 0.7, side * 0.2), (side * 0.45, side * 0.85)], fill=0, width=side // 25
+    )
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.image_size import declared_pixels
 from tests.conftest import BOOK_IMAGE
 from tests.service.conftest import png_bytes
 
@@ -186,6 +187,50 @@ def test_fuzzed_image_files_get_200_or_4xx(http, seven):
             assert response.status_code == 200 or 400 <= response.status_code < 500, (kind, i, response.text)
             assert "error" in response.json() if response.status_code != 200 else response.json()[0]["digit"] >= 0
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0  # the fuzz reached both outcomes
+
+
+def _gif_whose_frame_overflows_its_screen() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000), 255).save(buf, format="GIF")
+    data = bytearray(buf.getvalue())
+    data[6:10] = b"\x01\x00\x01\x00"  # the logical screen: 1x1; the frame still 5000x5000
+    return bytes(data)
+
+
+def _jpeg_with_a_small_first_frame_marker() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 255).save(buf, format="JPEG")
+    data = buf.getvalue()
+    sof = data.index(b"\xff\xc0")
+    length = int.from_bytes(data[sof + 2 : sof + 4], "big")
+    small = bytearray(data[sof : sof + 2 + length])
+    small[5:9] = b"\x00\x01\x00\x01"  # 1x1, then the real 3000x3000 marker
+    return data[:sof] + bytes(small) + data[sof:]
+
+
+def _pgm_with_a_comment_inside_a_number() -> bytes:
+    return b"P5 1#c\n000 3000 255\n" + bytes(1000 * 3000)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_gif_whose_frame_overflows_its_screen, _jpeg_with_a_small_first_frame_marker, _pgm_with_a_comment_inside_a_number],
+)
+def test_a_file_that_opens_larger_than_its_header_declares_is_refused_undecoded(http, make):
+    """The batcher prices a request by the sizes its files' headers declare (service/image_size.py); a file that
+    Pillow opens larger would cost more than it was priced, and is refused before any pixel is decoded."""
+    data = make()
+    assert declared_pixels(data, 25_000_000) < 100
+    response = http.post("/predict", files=[("images", ("odd", data, "application/octet-stream"))])
+    assert response.status_code == 400 and "is inconsistent: its header declares" in response.json()["error"]
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "F", "1"])
+def test_tiffs_are_priced_at_their_size(mode):
+    for size in [(28, 28), (300, 233), (7000, 3)]:
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format="TIFF")
+        assert declared_pixels(buf.getvalue(), 25_000_000) == size[0] * size[1]
 
 
 # ---- MNIST itself ------------------------------------------------------------------------------------------

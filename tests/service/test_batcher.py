@@ -13,7 +13,7 @@ import pytest
 from service.batcher import start_batcher
 from service.config import ServiceConfig
 from service.errors import RequestError
-from tests.service.conftest import png_bytes
+from tests.service.conftest import big_png, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
         small = asyncio.ensure_future(batcher.submit("encoded", files[:2], 2))
         await asyncio.sleep(0)
         with pytest.raises(RequestError) as refused:
-            await batcher.submit("encoded", files[:2], 2, pixels=50_000_000)
+            await batcher.submit("encoded", [big_png(5000), big_png(5000)], 2)  # 50 megapixels declared
         await asyncio.gather(running, small)
         return refused.value, small.result()
 
@@ -205,13 +205,34 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
     assert len(small.log_probs) == 2
 
 
+def test_refused_requests_do_not_talk_the_price_down(make_batcher, digits):
+    """A truncated PNG that declares 25 megapixels is refused at once: a batch of them must not teach the batcher
+    that 25 megapixels cost nothing (else a burst of real large images behind them would be priced at ~0)."""
+    batcher = make_batcher()
+    files, _ = digits
+    truncated = big_png(5000)[:64]  # its header, no pixel data
+
+    async def scenario():
+        for _ in range(10):
+            await batcher.submit("encoded", files[:8], 8)
+        learned = batcher.seconds_per_unit
+        for _ in range(20):
+            with pytest.raises(RequestError) as refused:
+                await batcher.submit("encoded", [truncated], 1)
+            assert refused.value.status == 400
+        return learned, batcher.seconds_per_unit
+
+    learned, after = asyncio.run(scenario())
+    assert learned > 0 and after == learned
+
+
 def test_a_batch_holds_at_most_one_requests_pixel_budget(make_batcher, digits):
     recorder = Recorder()
-    batcher = make_batcher(recorder, max_request_pixels=10_000)
+    batcher = make_batcher(recorder, max_request_pixels=1_000)
     files, _ = digits
 
-    async def scenario():  # each request declares 6,000 pixels: two would pass the 10,000 of a batch
-        return await asyncio.gather(*(batcher.submit("encoded", files[:1], 1, pixels=6_000) for _ in range(6)))
+    async def scenario():  # each request declares 784 pixels: two would pass the 1,000 of a batch
+        return await asyncio.gather(*(batcher.submit("encoded", files[:1], 1) for _ in range(6)))
 
     asyncio.run(scenario())
     assert recorder.model_images == [1] * 6
@@ -234,7 +255,7 @@ def test_a_refused_request_keeps_nothing_alive_in_the_work_process(book_export, 
     )
     files, _ = digits
     truncated = files[2][: len(files[2]) // 2]  # its header reads; its pixels do not
-    answers, stats = work.run([(1, "encoded", [files[0], files[1], truncated], False)])
+    answers, stats = work.run([(1, "encoded", [files[0], files[1], truncated], False, None)])
     failed = answers[1]
     assert isinstance(failed, RequestError) and failed.status == 400 and "images[2]" in failed.message
     assert failed.__traceback__ is None and failed.__context__ is None and failed.__cause__ is None

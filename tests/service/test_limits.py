@@ -2,7 +2,6 @@
 cap): budgets, timeouts, caps, metrics, health while busy, and the drain on SIGTERM. No timing thresholds:
 each test asserts what the server answered, or what it counted."""
 
-import io
 import re
 import secrets
 import signal
@@ -13,23 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from PIL import Image, ImageDraw
 
 from tests.conftest import BOOK_IMAGE
-from tests.service.conftest import serve
+from tests.service.conftest import big_png, serve
 
 pytestmark = pytest.mark.slow
-
-
-def big_png(side: int) -> bytes:
-    """A large, cheap-to-send PNG of a 7: a few tens of KB, ``side`` x ``side`` pixels to decode."""
-    img = Image.new("L", (side, side), 255)
-    ImageDraw.Draw(img).line(
-        [(side * 0.3, side * 0.2), (side * 0.7, side * 0.2), (side * 0.45, side * 0.85)], fill=0, width=side // 25
-    )
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def metric(text: str, name: str) -> float:

@@ -224,6 +224,29 @@ def test_bytes_elements_past_the_shape_are_refused_at_once(server):
     assert response.status_code == 400 and "holds 1 elements; the data holds more" in response.text
 
 
+@pytest.mark.parametrize("model", ["mnist-convnet", "mnist"])
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**62, 0, 2], [0] * 65, [0, 1 << 25]])
+def test_empty_tensors_of_impossible_shapes_are_4xx(server, model, shape):
+    """Zero elements, so the element count passes; numpy still cannot build the array (a 500 before)."""
+    datatype = "FP32" if model == "mnist-convnet" else "UINT8"
+    for tensor in (
+        {"name": "images", "datatype": datatype, "shape": shape, "data": []},
+        {"name": "images", "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": 0}},
+    ):
+        header = json.dumps({"inputs": [tensor]}).encode()
+        response = _infer(server, model, header, {"inference-header-content-length": str(len(header))})
+        assert response.status_code in (400, 413), (shape, response.status_code, response.text)
+        assert "error" in response.json()
+
+
+def test_a_bytes_tensor_of_millions_of_empty_elements_is_refused_from_its_shape(server):
+    raw = b"\0\0\0\0" * 2_000_000
+    tensor = {"name": "images", "datatype": "BYTES", "shape": [2_000_000], "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    response = _infer(server, "mnist", header + raw, {"inference-header-content-length": str(len(header))})
+    assert response.status_code == 413 and "a BYTES tensor may hold 4096" in response.text
+
+
 def test_header_length_with_whitespace_and_405_with_allow(server):
     header = json.dumps({"inputs": [{**FP32_ONE, "data": None, "parameters": {"binary_data_size": 3136}}]}).encode()
     body = header + bytes(3136)
