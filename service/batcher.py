@@ -157,6 +157,7 @@ class Batcher:
             "admitted_images": self.admitted,
             "admitted_units": self.admitted_units,
             "queued_seconds": round(self._queued_seconds(0), 3),
+            "seconds_per_unit": self.seconds_per_unit,
             "counters": {k: v for k, v in vars(c).items() if k != "last_batch"},
         }
 

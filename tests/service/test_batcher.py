@@ -205,6 +205,20 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
     assert len(small.log_probs) == 2
 
 
+def test_a_fresh_batcher_takes_a_burst_after_its_first_request(make_batcher, digits):
+    """The work process imports and runs the preprocessing before it reports ready: a first request that paid
+    for the imports (0.25 s here) taught the batcher a price that refused the first burst after start-up."""
+    batcher = make_batcher()
+    files, _ = digits
+
+    async def scenario():
+        await batcher.submit("encoded", [files[0]], 1)
+        return await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(48)))
+
+    answers = asyncio.run(scenario())
+    assert len(answers) == 48 and batcher.counters.refused == 0
+
+
 def test_refused_requests_do_not_talk_the_price_down(make_batcher, digits):
     """A truncated PNG that declares 25 megapixels is refused at once: a batch of them must not teach the batcher
     that 25 megapixels cost nothing (else a burst of real large images behind them would be priced at ~0)."""
