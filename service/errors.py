@@ -4,6 +4,7 @@ work processes, and turned into ``{"error": message}`` by the HTTP front."""
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from bentoml.exceptions import BentoMLException
@@ -56,3 +57,14 @@ def too_large(message: str) -> RequestError:
 
 def overloaded(message: str, retry_after: int) -> RequestError:
     return RequestError(503, "overloaded", f"the server is overloaded: {message}; retry later", retry_after)
+
+
+def parsed_json(data: bytes, too_deep: str, invalid: str):
+    """A request's JSON, or a 400: ``too_deep`` when it nests past the parser's recursion limit, ``invalid``
+    (followed by the parser's message) when it is not JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise bad_request(too_deep) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"{invalid} ({str(exc)[:120]})") from None

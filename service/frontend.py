@@ -268,6 +268,13 @@ class Frontend:
         await send({"type": "http.response.body", "body": response.body})
 
 
+def started(service):
+    """The service a route works with; ``None`` while its worker is still starting: 503."""
+    if service is None:
+        raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
+    return service
+
+
 def _unauthorized() -> RequestError:
     return RequestError(401, "unauthorized", "this endpoint needs the header Authorization: Bearer <MNIST_API_TOKEN>")
 

@@ -6,11 +6,9 @@ JSON arrays are the CPU-heavy part of a request. Every refusal is a RequestError
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from service.errors import RequestError, bad_request, too_large
+from service.errors import RequestError, bad_request, parsed_json, too_large
 from service.preprocess import (
     MNIST_SIDE,
     ImageError,
@@ -122,12 +120,8 @@ class _image_errors:
 
 def json_images(body: bytes) -> list:
     """The ``images`` list of a JSON body."""
-    try:
-        doc = json.loads(body)
-    except RecursionError:
-        raise bad_request('the JSON body is nested too deeply; expected {"images": [28x28 arrays]}') from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON ({str(exc)[:120]})") from None
+    too_deep = 'the JSON body is nested too deeply; expected {"images": [28x28 arrays]}'
+    doc = parsed_json(body, too_deep, "the body is not valid JSON")
     if not isinstance(doc, dict) or "images" not in doc:
         raise bad_request('expected a JSON object {"images": [...]}: N images, each 28 rows of 28 numbers in 0..1')
     if not isinstance(doc["images"], list):

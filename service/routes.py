@@ -13,16 +13,10 @@ from pathlib import Path
 from service import multipart, v2
 from service.connections import DRAIN
 from service.errors import RequestError
-from service.frontend import Request, Response, Route
+from service.frontend import Request, Response, Route, started
 from service.runtime import predictions
 
 MIN_JSON_BYTES_PER_IMAGE = 28 * 28 * 2  # a digit and a comma per pixel: N images need at least N times this
-
-
-def _started(service):
-    if service is None:
-        raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
-    return service
 
 
 def _require_media_type(request: Request, expected: str) -> str:
@@ -36,7 +30,7 @@ def _require_media_type(request: Request, expected: str) -> str:
 
 
 async def predict(service, request: Request) -> Response:
-    service = _started(service)
+    service = started(service)
     content_type = _require_media_type(request, "multipart/form-data")
     multipart.boundary_of(content_type)  # a missing boundary is a 400 before the body is read
     limit = service.settings.max_images_per_request
@@ -47,7 +41,7 @@ async def predict(service, request: Request) -> Response:
 
 
 async def predict_array(service, request: Request) -> Response:
-    service = _started(service)
+    service = started(service)
     _require_media_type(request, "application/json")
     body = await request.body()
     # The body is parsed in a work process; for the queue and batch bounds, count the most images it can hold.
@@ -57,7 +51,7 @@ async def predict_array(service, request: Request) -> Response:
 
 
 async def model_info(service, request: Request) -> Response:
-    return Response.json(_started(service).info())
+    return Response.json(started(service).info())
 
 
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"

@@ -12,7 +12,6 @@ import numpy as np
 from service.model_files import REEXPORT, ModelFileError, read_verified
 
 log = logging.getLogger(__name__)
-FORMAT_OF = {"onnx": "onnx", "torchscript": "torchscript"}  # runtime -> the manifest's artifact it loads
 
 
 def softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
@@ -35,10 +34,16 @@ def predictions(log_probs: np.ndarray, inputs: np.ndarray | None = None) -> list
     return answers
 
 
+def _unloadable(path: Path, what: str, exc: Exception) -> ModelFileError:
+    """A model file that passed its hash check but that the runtime cannot load: one line, its first."""
+    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return ModelFileError(f"{path} is not {what} ({reason}); {REEXPORT}")
+
+
 class Runtime:
     """Loads one exported format, from bytes checked against the manifest, and runs a normalized batch."""
 
-    name: str
+    name: str  # MNIST_RUNTIME's value, which is also the key of the manifest's artifact it loads
     device: str
     file: str
     sha256: str
@@ -53,7 +58,7 @@ class OnnxRuntime(Runtime):
     def __init__(self, model_dir: Path, manifest: dict, threads: int):
         import onnxruntime as ort
 
-        self.file, model, self.sha256 = read_verified(model_dir, manifest, FORMAT_OF[self.name])
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -67,10 +72,7 @@ class OnnxRuntime(Runtime):
         try:
             self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a file it cannot parse
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelFileError(
-                f"{model_dir / self.file} is not a model ONNX Runtime can load ({reason}); {REEXPORT}"
-            ) from None
+            raise _unloadable(model_dir / self.file, "a model ONNX Runtime can load", exc) from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if cuda_asked and self.device == "cpu":
             log.warning("onnxruntime-gpu could not start CUDA (no GPU or driver? its message is above): serving on CPU")
@@ -89,7 +91,7 @@ class TorchScriptRuntime(Runtime):
         from export.formats import torchscript_deprecation_silenced
 
         self.torch = torch
-        self.file, model, self.sha256 = read_verified(model_dir, manifest, FORMAT_OF[self.name])
+        self.file, model, self.sha256 = read_verified(model_dir, manifest, self.name)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
@@ -97,8 +99,7 @@ class TorchScriptRuntime(Runtime):
             with torchscript_deprecation_silenced():
                 self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a file it cannot parse
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ModelFileError(f"{model_dir / self.file} is not a TorchScript model ({reason}); {REEXPORT}") from None
+            raise _unloadable(model_dir / self.file, "a TorchScript model", exc) from None
 
     def log_probs(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch

@@ -20,7 +20,7 @@ import numpy as np
 from service import v2_tensors
 from service.connections import DRAIN
 from service.errors import RequestError, bad_request
-from service.frontend import Request, Response, Route
+from service.frontend import Request, Response, Route, started
 from service.runtime import softmax_from_log
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"
@@ -66,7 +66,7 @@ async def v2(service, request: Request) -> Response:
     if not parts or parts[0] != "models" or len(parts) < 2:
         raise RequestError(404, "not_found", f"no such path: {request.scope['path'][:200]}")
     request.require_token()
-    service = _started(service)
+    service = started(service)
     name, rest = parts[1], parts[2:]
     version = service.model.tag.version
     if rest[:1] == ["versions"]:
@@ -92,12 +92,6 @@ async def v2(service, request: Request) -> Response:
 def _only(method: str, allowed: str) -> None:
     if method != allowed:
         raise RequestError(405, "unsupported", f"this path accepts {allowed}", allow=allowed)
-
-
-def _started(service):
-    if service is None:
-        raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
-    return service
 
 
 def _server(service, parts: list[str]) -> Response:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import RequestError, bad_request, too_large
+from service.errors import RequestError, bad_request, parsed_json, too_large
 
 DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8")}
 # The JSON part is parsed on the worker's event loop, so its cost is bounded before parsing: its size (a
@@ -111,12 +111,7 @@ def _flag(params: dict, name: str, where: str) -> bool:
 
 
 def _object(data: bytes) -> dict:
-    try:
-        doc = json.loads(data)
-    except RecursionError:
-        raise bad_request("the request's JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request's JSON header is not valid JSON ({str(exc)[:120]})") from None
+    doc = parsed_json(data, "the request's JSON is nested too deeply", "the request's JSON header is not valid JSON")
     if not isinstance(doc, dict):
         raise bad_request('an inference request is a JSON object: {"inputs": [...]}')
     return doc
