@@ -14,8 +14,23 @@ from training.data import Normalization, load_mnist, resolve_data_dir, to_model_
 from training.train import TrainConfig, TrainResult, train
 
 REPO = Path(__file__).resolve().parent.parent
-BOOK_CHECKPOINT = REPO.parent / "shared" / "book" / "convnet.pth"
-BOOK_IMAGE = REPO.parent / "shared" / "book" / "digit_image.jpg"
+
+
+def _book_dir() -> Path:
+    """The book's checkpoint and sample image: $MNIST_BOOK_DIR; else ../shared/book beside the checkout; else
+    the book/ folder beside $MNIST_DATA_DIR (the shared copy's layout: shared/data and shared/book)."""
+    if os.environ.get("MNIST_BOOK_DIR"):
+        return Path(os.environ["MNIST_BOOK_DIR"])
+    beside = REPO.parent / "shared" / "book"
+    data_dir = os.environ.get("MNIST_DATA_DIR")
+    if not beside.is_dir() and data_dir and (Path(data_dir).parent / "book").is_dir():
+        return Path(data_dir).parent / "book"
+    return beside
+
+
+BOOK_DIR = _book_dir()
+BOOK_CHECKPOINT = BOOK_DIR / "convnet.pth"
+BOOK_IMAGE = BOOK_DIR / "digit_image.jpg"
 TINY_TRAIN_IMAGES = 1024
 
 
