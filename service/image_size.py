@@ -2,20 +2,24 @@
 estimate of what a request will cost, on the event loop, before the request is queued.
 
 It reads the fixed headers of PNG, GIF, BMP, JPEG (its frame marker), WebP, TIFF (its first directory) and
-PGM/PPM with bounded loops and no allocation; any other file, or one it cannot read, counts as the largest image
-allowed. The work process reads the real header with Pillow, enforces the budgets, and refuses a file that opens
-larger than it was priced here (service/inputs.py): a file whose header understates its size gets a 400, never
-more work than the queue accounted for.
+PGM/PPM. Every reader does a bounded amount of work whatever the file: counted loops over fixed offsets or a
+bounded prefix, no regular expression (a backtracking pattern turns a few bytes into hours of event loop); any
+other file, or one it cannot read within its bounds, counts as the largest image allowed. The work process
+reads the real header with Pillow, enforces the budgets, and refuses a file that opens larger than it was priced
+here (service/inputs.py): a file whose header understates its size gets a 400, never more work than the queue
+accounted for.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame markers
-_PNM = re.compile(rb"P[1-6](?:\s+|#[^\n]*\n)+(\d{1,9})(?:\s+|#[^\n]*\n)+(\d{1,9})")
 MAX_JPEG_SEGMENTS = 256
+MAX_JPEG_FILL = 1024  # 0xFF fill bytes before one marker (encoders write none or a few)
+PNM_PREFIX = 512  # a PGM/PPM's width and height, with their whitespace and comments, within this prefix
+_PNM_SPACE = frozenset(b" \t\n\r\f\v")
+_DIGITS = frozenset(b"0123456789")
 MAX_TIFF_ENTRIES = 1024
 
 
@@ -44,24 +48,46 @@ def _size(d: bytes) -> tuple[int, int] | None:
         return _webp(d)
     if d[:4] in (b"II*\0", b"MM\0*"):
         return _tiff(d)
-    if d[:1] == b"P" and (m := _PNM.match(d[:512])):
-        return int(m.group(1)), int(m.group(2))
+    if d[:1] == b"P" and d[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6"):
+        return _pnm(d[:PNM_PREFIX])
     return None
 
 
 def _jpeg(d: bytes) -> tuple[int, int] | None:
     pos = 2
     for _ in range(MAX_JPEG_SEGMENTS):
-        while d[pos] == 0xFF and d[pos + 1] == 0xFF:  # fill bytes
-            pos += 1
-        if d[pos] != 0xFF:
+        window = d[pos : pos + MAX_JPEG_FILL + 2]
+        fill = len(window) - len(window.lstrip(b"\xff"))  # a marker is 0xFF after any number of 0xFF fill bytes
+        if fill == 0 or fill == len(window):
             return None
+        pos += fill - 1
         marker = d[pos + 1]
         if marker in _SOF:
             height, width = struct.unpack(">HH", d[pos + 5 : pos + 9])
             return width, height
         pos += 2 + struct.unpack(">H", d[pos + 2 : pos + 4])[0]
     return None
+
+
+def _pnm(head: bytes) -> tuple[int, int] | None:
+    """Width and height of a PGM/PPM/PBM: after the magic, each is a number of 1-9 digits preceded by
+    whitespace or comments (``#`` to the end of the line). One pass over at most ``PNM_PREFIX`` bytes."""
+    pos, end, size = 2, len(head), []
+    for _ in range(2):
+        start = pos
+        while pos < end and (head[pos] in _PNM_SPACE or head[pos] == 0x23):  # 0x23: '#'
+            if head[pos] == 0x23:
+                pos = head.find(b"\n", pos)
+                if pos < 0:
+                    return None
+            pos += 1
+        first = pos
+        while pos < end and pos - first < 10 and head[pos] in _DIGITS:
+            pos += 1
+        if first == start or not 0 < pos - first <= 9:  # no separator, no digits, or too many
+            return None
+        size.append(int(head[first:pos]))
+    return size[0], size[1]
 
 
 def _webp(d: bytes) -> tuple[int, int] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ MAX_ELEMENTS = 1 << 24  # of any one tensor; the model's limits are far smaller 
 MAX_BYTES_ELEMENTS = 4096  # of a BYTES tensor: each element is walked in Python, on the event loop
 MAX_RANK = 8  # numpy allows 64 dimensions; the models take 1 to 4
 _LENGTH = struct.Struct("<I")
-_HEADER_LENGTH = re.compile(rb"[0-9]{1,12}")
+MAX_HEADER_LENGTH_DIGITS = 12
 
 
 @dataclass
@@ -51,7 +50,8 @@ def parse(body: bytes, header_length: bytes | None) -> InferRequest:
     """An inference request, its tensors checked against their declared shapes and byte counts."""
     if header_length is not None:
         length = header_length.strip()
-        if not _HEADER_LENGTH.fullmatch(length) or int(length) > len(body):
+        digits_ok = length.isdigit() and len(length) <= MAX_HEADER_LENGTH_DIGITS  # bytes.isdigit: ASCII only
+        if not digits_ok or int(length) > len(body):
             shown = length[:20].decode("latin-1")
             raise bad_request(f"Inference-Header-Content-Length is {shown!r}; the body is {len(body)} bytes")
         json_part, binary = body[: int(length)], memoryview(body)[int(length) :]
