@@ -8,11 +8,13 @@ a request gets for crossing it. The README's settings table is tested against th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
 RUNTIMES = ("onnx", "torchscript")
 MiB = 1024 * 1024
+MAX_SECONDS = 1e6
 
 
 class ConfigError(ValueError):
@@ -140,6 +142,14 @@ class ServiceConfig:
     metrics_public: bool = setting(
         "MNIST_METRICS_PUBLIC", True, "0 puts /metrics behind the API token too (when one is set)", minimum=0
     )
+    # ---- observability ----
+    access_log: bool = setting(
+        "MNIST_ACCESS_LOG",
+        True,
+        "one JSON line per request on the service.access logger: time, method, path, status, duration, bytes, "
+        "request id",
+        minimum=0,
+    )
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> ServiceConfig:
@@ -149,6 +159,8 @@ class ServiceConfig:
             raw = environ.get(f.metadata["env"], "")
             if raw.strip():
                 values[f.name] = _parse(f, raw.strip())
+            elif raw and f.metadata["secret"]:  # set, but to blanks: not "no token", which would open the API
+                raise ConfigError(f"{f.metadata['env']} is set but blank; unset it, or give it a value")
         config = cls(**values)
         if "workers" not in values:  # one per core, on a machine with fewer cores than the default
             config = dataclasses.replace(config, workers=min(config.workers, os.cpu_count() or 1))
@@ -182,6 +194,10 @@ def _parse(f: dataclasses.Field, raw: str):
         value = float(raw) if kind is float else int(raw)
     except ValueError:
         raise ConfigError(f"{env} must be a {'number' if kind is float else 'whole number'}, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every comparison below and breaks every timer that uses it
+        raise ConfigError(f"{env} must be a finite number, got {raw!r}")
+    if kind is float and value > MAX_SECONDS:  # every float setting is a time; the event loop's timers overflow
+        raise ConfigError(f"{env} must be at most {MAX_SECONDS:g} (seconds), got {raw}")
     if value < minimum:
         raise ConfigError(f"{env} must be at least {minimum:g}, got {raw}")
     return bool(value) if kind is bool else value

@@ -1,20 +1,11 @@
-"""The BentoML service: ``bentoml serve`` from the project root (see bentofile.yaml).
-
-Endpoints: POST /predict (multipart images), POST /predict_array (JSON 28x28 arrays), GET|POST /model_info,
-/livez, /readyz, plus BentoML's /metrics and the OpenAPI page at /. The request path, from the socket to the
-model and back:
-
-    service/connections.py  connection cap, request-head deadline, keep-alive, drain on SIGTERM (uvicorn)
-    service/frontend.py     routing, body limits and timeouts, errors as JSON, metrics; BentoML's pages behind it
-    service/routes.py       the HTTP adapters: parse, validate, format
-    service/batcher.py      one dynamic batcher, bounded queue, work processes (restarted if they die)
-    service/worker.py       in the work processes: decode and budgets (inputs.py, preprocess.py), model call
-"""
+"""The BentoML service: ``bentoml serve`` from the project root (see bentofile.yaml). The path of a request
+through the packages is in docs/architecture.md."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,26 +16,28 @@ from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
-from service import connections
-from service.batcher import WorkerFailed, start_batcher
+from service import bentoml_glue
 from service.config import ConfigError, ServiceConfig
-from service.frontend import lean
-from service.metrics import metrics
-from service.middleware import install_timeout_fix
-from service.model_files import REEXPORT, ModelFileError, read_manifest
-from service.routes import ROUTES
-from service.runtime import predictions
-from service.v2 import model_metadata
+from service.core import Core, InputKind
+from service.engine.batcher import start_batcher
+from service.engine.process import WorkerFailed
+from service.http import uvicorn_glue
+from service.http.front import FrontedService
+from service.model.files import REEXPORT, ModelFileError, read_manifest
+from service.observe.metrics import metrics
+from service.observe.tracing import Tracing, exporters_named
+from service.protocols import ROUTES
 
 log = logging.getLogger("service")
 log.setLevel(logging.INFO)  # BentoML's server logging shows the root logger's warnings only
 
 try:
     CONFIG = ServiceConfig.from_env()
+    exporters_named(os.environ)  # OpenTelemetry's settings, checked here so that a bad one stops start-up at once
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
-connections.install(CONFIG)  # before the worker builds its uvicorn config
-install_timeout_fix()  # before BentoML builds its app; see service/middleware.py
+uvicorn_glue.install(CONFIG)  # before the worker builds its uvicorn config
+bentoml_glue.install_timeout_fix()  # before BentoML builds its app
 
 
 def _stored_manifest(tag: str) -> dict:
@@ -54,9 +47,8 @@ def _stored_manifest(tag: str) -> dict:
         stored = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
         sys.exit(
-            f"error: model {tag} is not in the BentoML model store ("
-            f"BENTOML_HOME={_store_home()}); run `make export` "
-            "(or `python -m export build --checkpoint artifacts/convnet.pt`) first"
+            f"error: model {tag} is not in the BentoML model store (BENTOML_HOME={bentoml_glue.bentoml_home()}); "
+            "run `make export` (or `python -m export build --checkpoint artifacts/convnet.pt`) first"
         )
     except Exception as exc:  # noqa: BLE001 - a damaged store entry (its model.yaml, say): one line, not a traceback
         sys.exit(f"error: model {tag}: its model store entry cannot be read ({type(exc).__name__}); {REEXPORT}")
@@ -66,35 +58,14 @@ def _stored_manifest(tag: str) -> dict:
         sys.exit(f"error: model {tag}: {exc}")
 
 
-def _check_the_model_loads(tag: str, manifest: dict) -> None:
-    """Before ``bentoml serve`` starts any worker: load the model once the way a work process does (its file
-    checked against the manifest's sha256, then parsed and run), so that a broken model stops the server
-    with one line instead of sending its workers into a restart loop. Workers skip this: the server did it."""
-    from bentoml._internal.context import server_context
-
-    if server_context.worker_index is not None:
-        return
-    try:
-        start_batcher(bentoml.models.get(tag).path, manifest, replace(CONFIG, work_procs=1)).close()
-    except WorkerFailed as exc:
-        sys.exit(f"error: model {tag}: {exc}")
-
-
-def _store_home() -> str:
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return str(BentoMLContainer.bentoml_home.get())
-
-
 MANIFEST = _stored_manifest(CONFIG.model_tag)
-V2_MODELS = model_metadata(MANIFEST, CONFIG.runtime)  # from the manifest read above, so it is checked here too
-_check_the_model_loads(CONFIG.model_tag, MANIFEST)
 
 
 class Prediction(BaseModel):
     digit: int = Field(description="the most likely digit, 0-9")
     confidence: float = Field(description="its probability")
     probabilities: list[float] = Field(description="probability of each digit 0-9")
+    input: list[list[float]] | None = Field(None, description="with return_input: the 28x28 image the model saw")
 
 
 Predictions = Annotated[list[Prediction], ContentType("application/json")]
@@ -111,89 +82,71 @@ def _file_bytes(item) -> bytes:
     return Path(item).read_bytes()
 
 
-@bentoml.service(name="mnist_classifier", workers=CONFIG.workers, threads=1, traffic={"timeout": 30})
+@bentoml.service(
+    name="mnist_classifier",
+    workers=CONFIG.workers,
+    threads=1,
+    traffic={"timeout": 30},
+    service_class=FrontedService,
+)
 class MNISTClassifier:
     """Handwritten-digit classifier: the Mastering PyTorch chapter 1 ConvNet, exported and verified."""
 
     model = BentoModel(CONFIG.model_tag)
     settings = CONFIG  # (not `config`: the BentoML service object has a `config` of its own)
+    routes = ROUTES  # what the HTTP front answers (service/protocols/); BentoML serves its own pages behind it
+
+    @bentoml.on_deployment
+    def check_the_model_loads() -> None:
+        """Once, in ``bentoml serve`` before any worker starts: load the model the way a work process does (its
+        file checked against the manifest's sha256, then parsed and run), so that a broken model stops the
+        server with one line instead of sending its workers into a restart loop."""
+        tag = CONFIG.model_tag
+        try:
+            start_batcher(bentoml.models.get(tag).path, MANIFEST, replace(CONFIG, work_procs=1)).close()
+        except WorkerFailed as exc:
+            sys.exit(f"error: model {tag}: {exc}")
 
     def __init__(self) -> None:
-        self.model_dir = Path(self.model.path)
-        self.manifest = MANIFEST
         try:
-            self.batcher = start_batcher(self.model_dir, self.manifest, CONFIG, metrics(CONFIG.max_batch_size))
+            engine = start_batcher(Path(self.model.path), MANIFEST, CONFIG, metrics(CONFIG.max_batch_size))
         except WorkerFailed as exc:
             sys.exit(f"error: the model {self.model.tag} could not be loaded: {exc}")
-        self.runtime = self.batcher.processes[0].info
-        self.v2_models = V2_MODELS
+        tag = str(self.model.tag)
+        self.core = Core(CONFIG, MANIFEST, tag, engine, metrics(CONFIG.max_batch_size), Tracing.from_env())
         # Everything alive now (modules, BentoML's machinery) lives as long as the worker: move it out of the
         # garbage collector's view, so that a full collection under load takes a few ms, not ~70.
         gc.collect()
         gc.freeze()
-        log.info(
-            "loaded %s (%s on %s, %d work processes)",
-            self.model.tag,
-            self.runtime["runtime"],
-            self.runtime["device"],
-            CONFIG.work_procs,
-        )
+        runtime = self.core.runtime
+        log.info("loaded %s (%s on %s, %d work processes)", tag, runtime.runtime, runtime.device, CONFIG.work_procs)
 
     def __is_ready__(self) -> bool:
-        return self.batcher.ready
+        return self.core.ready
 
     @bentoml.on_shutdown
-    def stop_work_processes(self) -> None:
-        self.batcher.close()
+    def stop(self) -> None:
+        self.core.close()
+        if self.core.tracing is not None:
+            self.core.tracing.shutdown()
 
     # The API methods: what BentoML's OpenAPI page and client describe, and the entry for in-process callers.
-    # Over HTTP the same paths are answered by service/routes.py, through the same batcher. (Inside a running
-    # server BentoML sends calls of these methods through HTTP, so the routes call the plain methods below.)
+    # Over HTTP the same paths are answered by the adapters in service/protocols/rest.py, through the same core.
     @bentoml.api(route="/predict")
-    async def predict(self, images: list[Path]) -> Predictions:
-        """Classify uploaded images (PNG, JPEG, ...; repeated multipart field `images`), one result each."""
-        done = await self.batcher.submit("encoded", [_file_bytes(item) for item in images], max(1, len(images)))
-        return predictions(done.log_probs)
+    async def predict(self, images: list[Path], return_input: bool = False) -> Predictions:
+        """Classify uploaded images (PNG, JPEG, ...; repeated multipart field `images`), one result each. With
+        return_input, each result also carries the 28x28 image the model saw."""
+        files = [_file_bytes(item) for item in images]
+        answer = await self.core.classify(InputKind.ENCODED, files, len(files), return_input)
+        return answer.predictions()
 
     @bentoml.api(route="/predict_array")
-    async def predict_array(self, images: list) -> Predictions:
+    async def predict_array(self, images: list, return_input: bool = False) -> Predictions:
         """Classify 28x28 arrays of intensities in 0..1 (white digit on black, as in MNIST)."""
-        done = await self.batcher.submit("pixels", images, max(1, len(images)))
-        return predictions(done.log_probs)
+        answer = await self.core.classify(InputKind.PIXELS, images, len(images), return_input)
+        return answer.predictions()
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> dict:
         """Which model is served, how, and what its export proved."""
-        return self.info()
-
-    def info(self) -> dict:
-        verification = self.manifest["verification"]
-        return {
-            "tag": str(self.model.tag),
-            "runtime": self.runtime["runtime"],
-            "device": self.runtime["device"],
-            "file": self.runtime["file"],
-            # what this worker's work processes loaded: the file's sha256, computed from the bytes they load and
-            # checked against the manifest before the model was built from those bytes
-            "served": {"file": self.runtime["file"], "sha256": self.runtime["sha256"], "matches_manifest": True},
-            "formats": {
-                fmt: {"file": a["file"], "sha256": a["sha256"]} for fmt, a in self.manifest["artifacts"].items()
-            },
-            "normalization": self.manifest["normalization"],
-            "opset": self.manifest["opset"],
-            "test_accuracy": verification["eager_test_accuracy"],
-            "verified": verification["passed"],
-            "max_images_per_request": CONFIG.max_images_per_request,
-            "batching": {
-                "enabled": CONFIG.batching,
-                "max_batch_size": CONFIG.max_batch_size,
-                "max_queue_images": CONFIG.max_queue_images,
-                "workers": CONFIG.workers,
-                "work_processes_per_worker": CONFIG.work_procs,
-            },
-            "settings": {f["env"]: f["value"] for f in CONFIG.describe()},
-            "batcher": self.batcher.state(),  # this worker's: each worker has its own batcher
-        }
-
-
-lean(MNISTClassifier, ROUTES, CONFIG)
+        return self.core.model_info()

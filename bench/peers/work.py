@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.preprocess import image_to_mnist, normalize
+from service.inputs.preprocess import image_to_mnist, normalize
 
 THREADS = 1  # per worker process, as the service's MNIST_THREADS: two workers on two cores
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.image_size import declared_pixels
+from service.inputs.image_size import declared_pixels
 from tests.conftest import BOOK_IMAGE
 from tests.service.conftest import png_bytes
 
@@ -217,7 +217,7 @@ def _pgm_with_a_comment_inside_a_number() -> bytes:
     [_gif_whose_frame_overflows_its_screen, _jpeg_with_a_small_first_frame_marker, _pgm_with_a_comment_inside_a_number],
 )
 def test_a_file_that_opens_larger_than_its_header_declares_is_refused_undecoded(http, make):
-    """The batcher prices a request by the sizes its files' headers declare (service/image_size.py); a file that
+    """The batcher prices a request by the sizes its files' headers declare (service/inputs/image_size.py); a file that
     Pillow opens larger would cost more than it was priced, and is refused before any pixel is decoded."""
     data = make()
     assert declared_pixels(data, 25_000_000) < 100

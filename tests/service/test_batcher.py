@@ -10,8 +10,9 @@ import signal
 import numpy as np
 import pytest
 
-from service.batcher import start_batcher
 from service.config import ServiceConfig
+from service.engine.batcher import start_batcher
+from service.engine.messages import Batch, Init, InputKind, Job
 from service.errors import RequestError
 from tests.service.conftest import big_png, png_bytes
 
@@ -56,9 +57,9 @@ def test_a_lone_request_after_a_burst_is_dispatched_at_once(make_batcher, digits
     files, labels = digits
 
     async def scenario():
-        burst = await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(64)))
+        burst = await asyncio.gather(*(batcher.submit(InputKind.ENCODED, [files[i]], 1) for i in range(64)))
         after_burst = dataclasses.replace(batcher.counters)
-        lone = await batcher.submit("encoded", [files[0]], 1)
+        lone = await batcher.submit(InputKind.ENCODED, [files[0]], 1)
         return burst, after_burst, lone
 
     burst, after_burst, lone = asyncio.run(scenario())
@@ -76,8 +77,8 @@ def test_answers_go_to_their_own_requests(make_batcher, digits, mnist_test):
     bad = b"not an image"
 
     async def scenario():
-        jobs = [batcher.submit("encoded", [files[i], files[i + 1]], 2) for i in range(0, 40, 2)]
-        jobs.insert(7, batcher.submit("encoded", [bad], 1))
+        jobs = [batcher.submit(InputKind.ENCODED, [files[i], files[i + 1]], 2) for i in range(0, 40, 2)]
+        jobs.insert(7, batcher.submit(InputKind.ENCODED, [bad], 1))
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     answers = asyncio.run(scenario())
@@ -92,10 +93,10 @@ def test_a_full_queue_refuses_at_once_with_retry_after(make_batcher, digits):
     files, _ = digits
 
     async def scenario():
-        first = asyncio.ensure_future(batcher.submit("encoded", files[:4], 4))
+        first = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:4], 4))
         await asyncio.sleep(0)  # the first request is admitted and holds the whole queue
         with pytest.raises(RequestError) as refused:
-            await batcher.submit("encoded", files[:1], 1)
+            await batcher.submit(InputKind.ENCODED, files[:1], 1)
         return await first, refused.value
 
     first, refused = asyncio.run(scenario())
@@ -111,7 +112,7 @@ def test_batches_are_bounded_in_images(make_batcher, digits):
     files, _ = digits
 
     async def scenario():  # 12 requests of 3 images, all queued while the first runs
-        return await asyncio.gather(*(batcher.submit("encoded", files[:3], 3) for _ in range(12)))
+        return await asyncio.gather(*(batcher.submit(InputKind.ENCODED, files[:3], 3) for _ in range(12)))
 
     asyncio.run(scenario())
     assert recorder.model_images == [3, 6, 6, 6, 6, 6, 3]  # the first alone, then two by two: 9 would pass 8
@@ -122,7 +123,7 @@ def test_batching_off_runs_each_request_alone(make_batcher, digits):
     files, _ = digits
 
     async def scenario():
-        return await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(16)))
+        return await asyncio.gather(*(batcher.submit(InputKind.ENCODED, [files[i]], 1) for i in range(16)))
 
     asyncio.run(scenario())
     assert batcher.counters.batches == 16 and batcher.counters.queued > 0
@@ -137,10 +138,10 @@ def test_a_dead_work_process_is_replaced(make_batcher, digits):
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
         with pytest.raises(RequestError) as failed:
-            await batcher.submit("encoded", [files[0]], 1)
+            await batcher.submit(InputKind.ENCODED, [files[0]], 1)
         while not batcher.processes:  # the restart runs in a thread: wait for it, however long it takes
             await asyncio.sleep(0.05)
-        return failed.value, await batcher.submit("encoded", [files[1]], 1)
+        return failed.value, await batcher.submit(InputKind.ENCODED, [files[1]], 1)
 
     failed, answer = asyncio.run(scenario())
     assert failed.status == 503 and "restarted" in failed.message
@@ -155,7 +156,9 @@ def test_pixel_arrays_and_json_take_the_same_path(make_batcher, mnist_test):
     body = ('{"images": ' + str(pixels.tolist()) + "}").encode()
 
     async def scenario():
-        return await asyncio.gather(batcher.submit("pixels", pixels, 8), batcher.submit("json", body, 8))
+        return await asyncio.gather(
+            batcher.submit(InputKind.PIXELS, pixels, 8), batcher.submit(InputKind.JSON, body, 8)
+        )
 
     from_pixels, from_json = asyncio.run(scenario())
     np.testing.assert_array_equal(from_pixels.log_probs, from_json.log_probs)
@@ -167,11 +170,11 @@ def test_the_queue_is_bounded_in_seconds_of_work_too(make_batcher, digits):
     files, _ = digits
 
     async def scenario():
-        await batcher.submit("encoded", files[:2], 2)  # one batch measured: the time per image is known
-        running = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        await batcher.submit(InputKind.ENCODED, files[:2], 2)  # one batch measured: the time per image is known
+        running = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:1], 1))
         await asyncio.sleep(0)
         with pytest.raises(RequestError) as refused:
-            await batcher.submit("encoded", files[:1], 1)
+            await batcher.submit(InputKind.ENCODED, files[:1], 1)
         await running
         return refused.value
 
@@ -190,13 +193,13 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
 
     async def scenario():
         for _ in range(20):  # the price is a moving average: enough batches to forget the cold first one
-            await batcher.submit("encoded", files[:8], 8)  # 8 x 784 pixels each
-        running = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+            await batcher.submit(InputKind.ENCODED, files[:8], 8)  # 8 x 784 pixels each
+        running = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:1], 1))
         await asyncio.sleep(0)
-        small = asyncio.ensure_future(batcher.submit("encoded", files[:2], 2))
+        small = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:2], 2))
         await asyncio.sleep(0)
         with pytest.raises(RequestError) as refused:
-            await batcher.submit("encoded", [big_png(5000), big_png(5000)], 2)  # 50 megapixels declared
+            await batcher.submit(InputKind.ENCODED, [big_png(5000), big_png(5000)], 2)  # 50 megapixels declared
         await asyncio.gather(running, small)
         return refused.value, small.result()
 
@@ -212,8 +215,8 @@ def test_a_fresh_batcher_takes_a_burst_after_its_first_request(make_batcher, dig
     files, _ = digits
 
     async def scenario():
-        await batcher.submit("encoded", [files[0]], 1)
-        return await asyncio.gather(*(batcher.submit("encoded", [files[i]], 1) for i in range(48)))
+        await batcher.submit(InputKind.ENCODED, [files[0]], 1)
+        return await asyncio.gather(*(batcher.submit(InputKind.ENCODED, [files[i]], 1) for i in range(48)))
 
     answers = asyncio.run(scenario())
     assert len(answers) == 48 and batcher.counters.refused == 0
@@ -228,11 +231,11 @@ def test_refused_requests_do_not_talk_the_price_down(make_batcher, digits):
 
     async def scenario():
         for _ in range(10):
-            await batcher.submit("encoded", files[:8], 8)
+            await batcher.submit(InputKind.ENCODED, files[:8], 8)
         learned = batcher.seconds_per_unit
         for _ in range(20):
             with pytest.raises(RequestError) as refused:
-                await batcher.submit("encoded", [truncated], 1)
+                await batcher.submit(InputKind.ENCODED, [truncated], 1)
             assert refused.value.status == 400
         return learned, batcher.seconds_per_unit
 
@@ -246,7 +249,7 @@ def test_a_batch_holds_at_most_one_requests_pixel_budget(make_batcher, digits):
     files, _ = digits
 
     async def scenario():  # each request declares 784 pixels: two would pass the 1,000 of a batch
-        return await asyncio.gather(*(batcher.submit("encoded", files[:1], 1) for _ in range(6)))
+        return await asyncio.gather(*(batcher.submit(InputKind.ENCODED, files[:1], 1) for _ in range(6)))
 
     asyncio.run(scenario())
     assert recorder.model_images == [1] * 6
@@ -255,22 +258,14 @@ def test_a_batch_holds_at_most_one_requests_pixel_budget(make_batcher, digits):
 def test_a_refused_request_keeps_nothing_alive_in_the_work_process(book_export, digits):
     """The answer for a failed request is a fresh error: the raised one's traceback would hold every image the
     request had decoded (the work process has no reason to collect garbage soon)."""
-    from service.worker import Work
+    from service.engine.work import Work
 
     config = ServiceConfig()
-    work = Work(
-        {
-            "model_dir": str(book_export.out),
-            "manifest": book_export.manifest,
-            "runtime": "onnx",
-            "normalization": book_export.manifest["normalization"],
-            "limits": config.work_settings(),
-        }
-    )
+    work = Work(Init(str(book_export.out), book_export.manifest, "onnx", config.work_settings()))
     files, _ = digits
     truncated = files[2][: len(files[2]) // 2]  # its header reads; its pixels do not
-    answers, stats = work.run([(1, "encoded", [files[0], files[1], truncated], False, None)])
-    failed = answers[1]
+    done = work.run(Batch(7, [Job(1, InputKind.ENCODED, [files[0], files[1], truncated], False, None)]))
+    failed, stats = done.answers[1], done.stats
     assert isinstance(failed, RequestError) and failed.status == 400 and "images[2]" in failed.message
     assert failed.__traceback__ is None and failed.__context__ is None and failed.__cause__ is None
     assert stats.decoded_images == 3 and stats.model_images == 0
@@ -281,13 +276,13 @@ def test_requests_whose_clients_left_are_dropped_unrun(make_batcher, digits):
     files, _ = digits
 
     async def scenario():
-        first = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        first = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:1], 1))
         await asyncio.sleep(0)  # dispatched: the process is busy
-        left = asyncio.ensure_future(batcher.submit("encoded", files[:1], 1))
+        left = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:1], 1))
         await asyncio.sleep(0)  # queued behind it
         left.cancel()  # what the HTTP front does when the client disconnects
         await first
-        await batcher.submit("encoded", files[:1], 1)
+        await batcher.submit(InputKind.ENCODED, files[:1], 1)
         return left
 
     left = asyncio.run(scenario())

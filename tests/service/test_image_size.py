@@ -1,4 +1,4 @@
-"""service/image_size.py: the header sizes the batcher prices requests by, read on the HTTP worker's event loop.
+"""service/inputs/image_size.py: the header sizes the batcher prices requests by, read on the HTTP worker's event loop.
 
 Two things are checked: each format's size is the one Pillow reads, and the work each reader does is bounded
 whatever a client sends. Work is counted, not timed: the Python lines the readers execute (a tracer), over
@@ -14,8 +14,8 @@ import sys
 import pytest
 from PIL import Image
 
-from service import image_size
-from service.image_size import declared_pixels
+from service.inputs import image_size
+from service.inputs.image_size import declared_pixels
 
 LARGEST = 25_000_000
 MAX_LINES = 10_000  # any input: the readers' loops are bounded by constants (segments, entries, a prefix)
@@ -95,7 +95,7 @@ def test_jpeg_fill_bytes_before_a_marker_are_skipped():
 
 
 class LineCounter:
-    """Counts the Python lines executed inside service/image_size.py while it is active."""
+    """Counts the Python lines executed inside service/inputs/image_size.py while it is active."""
 
     def __init__(self):
         self.lines = 0
@@ -180,11 +180,18 @@ def test_fuzzed_headers_do_bounded_work():
 def test_the_request_readers_use_no_regular_expressions():
     """A backtracking pattern is the easiest way back into this class; the modules that read request bytes on
     the event loop use none (str/bytes methods and counted loops instead)."""
-    import service.frontend
-    import service.multipart
-    import service.routes
-    import service.v2
-    import service.v2_tensors
+    import service.http.front
+    import service.http.multipart
+    import service.protocols.rest
+    import service.protocols.v2
+    import service.protocols.v2_codec
 
-    readers = [image_size, service.frontend, service.multipart, service.routes, service.v2, service.v2_tensors]
+    readers = [
+        image_size,
+        service.http.front,
+        service.http.multipart,
+        service.protocols.rest,
+        service.protocols.v2,
+        service.protocols.v2_codec,
+    ]
     assert [m.__name__ for m in readers if "re" in vars(m)] == []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.middleware import ReleasingTimeoutMiddleware
+from service.bentoml_glue import ReleasingTimeoutMiddleware
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from service import multipart
 from service.errors import RequestError
+from service.http import multipart
 
 CT = "multipart/form-data; boundary=zz"
 

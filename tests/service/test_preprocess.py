@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.preprocess import (
+from service.inputs.preprocess import (
     MAX_PIXELS,
     ImageError,
     ImageTooLarge,
@@ -115,7 +115,7 @@ def test_fast_helpers_match_the_library_calls_they_replace():
     cross dilations give, on sizes from a 1x1 image up to the 512 px working size."""
     from scipy import ndimage
 
-    from service.preprocess import _DIAMOND_2, _quantiles
+    from service.inputs.preprocess import _DIAMOND_2, _quantiles
 
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (2, 3), (28, 28), (31, 17), (300, 400), (512, 384)]:

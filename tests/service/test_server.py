@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.preprocess import image_to_mnist, normalize
+from service.inputs.preprocess import image_to_mnist, normalize
 from tests.conftest import BOOK_IMAGE, REPO
 from tests.service.conftest import png_bytes
 

@@ -40,7 +40,7 @@ def test_model_info_comes_from_the_manifest(classifier, book_export):
 
 def test_inputs_are_refused_with_their_status(service_module):
     from service.errors import RequestError
-    from service.inputs import pixels_to_mnist
+    from service.inputs.decode import pixels_to_mnist
 
     config = service_module.CONFIG
     with pytest.raises(RequestError, match=r"images\[0\]\[0\] is the number 0.0; each row") as caught:
@@ -226,7 +226,7 @@ def test_batching_switch(service_module):
 
 # ---- runtimes ---------------------------------------------------------------------------------------------
 def _runtime_outputs(kind, book_export, batch):
-    from service.runtime import load_runtime
+    from service.model.runtime import load_runtime
 
     runtime = load_runtime(kind, book_export.out, book_export.manifest, threads=1)
     return runtime, runtime.log_probs(batch)

@@ -1,19 +1,13 @@
-"""The one batcher every predict path goes through, and the work processes it feeds.
+"""The one batcher every predict path goes through, feeding its work processes.
 
 Dynamic batching with no queue delay, as Triton's dynamic batcher does it: a request goes to a work process at
 once when one is idle; requests that arrive while every process is busy queue, and the next process to finish
-takes all of them (up to ``max_batch_size`` images and one request's pixel budget) as one batch. No timer and
-no learned estimate decides when to dispatch, so a lone request after a burst waits for nothing (BentoML's
-CorkDispatcher held lone requests for an average of past waits that recovered slowly: BentoML PR #3630).
+takes all of them (up to ``max_batch_size`` images and one request's pixel budget) as one batch.
 
 The queue is bounded in images and in estimated seconds of work. A request's work is counted in units: the
-pixels its images declare (service/image_size.py; 28x28 for arrays) plus a fixed ``IMAGE_UNITS`` per image for
-what every image costs whatever its size (the file's parsing, the preprocessing's steps, the IPC); recent
-batches give the seconds per unit. Past either bound a request is refused at once with 503 and Retry-After.
-Pixels, not images alone, because images differ: 64 small PNGs are milliseconds of work, two 25-megapixel ones
-up to seconds. Measured here (image_to_mnist): a 28x28 PNG 0.12 ms, 150 ns a pixel; a 5000x5000 PNG 51 ms,
-2 ns a pixel; a 3000x3000 noisy JPEG 78 ms, 9 ns a pixel. Priced by pixels alone, small images would make a
-large one look 50-70 times dearer than it is and refuse it behind any other.
+pixels its images declare (service/inputs/image_size.py; 28x28 for arrays) plus a fixed ``IMAGE_UNITS`` per
+image; recent batches give the seconds per unit. Past either bound a request is refused at once with 503 and
+Retry-After. Why pixels and this fixed cost: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -22,97 +16,39 @@ import asyncio
 import itertools
 import logging
 import math
-import os
-import pickle
-import socket
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from service.engine.messages import Batch, Done, Init, InputKind, Job
+from service.engine.process import WorkerFailed, WorkProcess
 from service.errors import RequestError, overloaded
-from service.image_size import declared_pixels
-from service.worker import HEADER, pack, receive, send
+from service.inputs.image_size import declared_pixels
 
-log = logging.getLogger("service.batcher")
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `python -m service.worker` finds the package
-PYTHONPATH = os.environ.get("PYTHONPATH", "")
+log = logging.getLogger("service.engine")
 MNIST_PIXELS = 28 * 28  # what an array input costs, against the pixels an image file declares
 IMAGE_UNITS = 65_536  # an image's fixed cost in pixel units: 0.12 ms, at the 2 ns a pixel of a large PNG
-START_TIMEOUT_S = 300  # importing onnxruntime or torch and loading the model, on a slow disk
 
 
-class WorkerFailed(Exception):
-    """A work process could not start, died, or stopped answering."""
+@dataclass
+class Timeline:
+    """When a request entered the queue and left it for a work process (``time.time_ns()``): filled in for a
+    caller that traces its requests."""
 
-
-class WorkProcess:
-    """One work process (service/worker.py) and the socket to it. Starting blocks until it is ready."""
-
-    def __init__(self, init: dict):
-        ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.worker", "--fd", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            cwd=PACKAGE_ROOT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), PYTHONPATH]))},
-        )
-        theirs.close()
-        ours.settimeout(START_TIMEOUT_S)
-        try:
-            send(ours, init)
-            reply = receive(ours)
-        except OSError as exc:
-            reply = ("failed", f"no answer ({exc})")
-        if reply is None or reply[0] != "ready":
-            ours.close()
-            self.proc.kill()
-            code = self.proc.wait()
-            raise WorkerFailed(reply[1] if reply else f"the work process exited with code {code} while starting")
-        self.info: dict = reply[1]
-        ours.setblocking(False)
-        self.sock = ours  # the process exits when its end reads end-of-file, after close()
-
-    async def run(self, batch_id: int, jobs: list[tuple]) -> tuple[dict, object]:
-        """One batch there and its answers back. The loop's socket calls keep no state between calls, so an
-        in-process caller may use one event loop after another."""
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_sendall(self.sock, b"".join(pack(("batch", batch_id, jobs))))
-            (size,) = HEADER.unpack(await self._read(loop, HEADER.size))
-            _, done_id, answers, stats = pickle.loads(await self._read(loop, size))
-        except (EOFError, ConnectionError) as exc:
-            raise WorkerFailed(f"the work process {self.proc.pid} exited ({type(exc).__name__})") from None
-        assert done_id == batch_id
-        return answers, stats
-
-    async def _read(self, loop: asyncio.AbstractEventLoop, n: int) -> bytearray:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = await loop.sock_recv_into(self.sock, view[got:])
-            if k == 0:
-                raise EOFError
-            got += k
-        return buf
-
-    def close(self, kill: bool = False) -> None:
-        """Closing the socket tells the process to exit once its batch is done; ``kill`` does not wait."""
-        if kill:
-            self.proc.kill()
-        self.sock.close()
+    queued_ns: int = 0
+    dispatched_ns: int = 0
 
 
 @dataclass
 class Pending:
-    job: tuple  # (job id, input kind, payload, want inputs, declared pixels per file), as service/worker.py takes it
+    job: Job
     images: int  # its weight in the image bounds (an upper bound where the payload is not parsed yet)
     pixels: int  # the pixels its images declare: its weight in the batch's pixel bound
     units: int  # its estimated work: pixels + IMAGE_UNITS per image
     future: asyncio.Future
+    timeline: Timeline | None = None
     at_once: bool = False
 
 
@@ -133,6 +69,7 @@ class Batcher:
     def __init__(self, start: Callable[[], WorkProcess], processes: int, config, metrics=None):
         self.start, self.config, self.metrics = start, config, metrics
         self.processes = [start() for _ in range(processes)]  # blocking: runs at service start-up
+        self.info = self.processes[0].info  # what the work processes loaded (every one loads the same files)
         self.idle: deque[WorkProcess] = deque(self.processes)
         self.queue: deque[Pending] = deque()
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
@@ -161,18 +98,30 @@ class Batcher:
             "counters": {k: v for k, v in vars(c).items() if k != "last_batch"},
         }
 
-    async def submit(self, kind: str, payload, images: int, want_inputs: bool = False):
-        """The work process's answer for one request: a worker.Done, or the RequestError it raised."""
+    async def submit(
+        self,
+        kind: InputKind,
+        payload,
+        images: int,
+        want_inputs: bool = False,
+        request_id: str = "",
+        timeline: Timeline | None = None,
+    ) -> Done:
+        """The work process's answer for one request of at most ``images`` images, or the RequestError it
+        ends in."""
         if not self.processes:
             raise RequestError(503, "unavailable", "no work process is running; retry later", self.config.retry_after_s)
         declared = None
-        if kind == "encoded":  # what each file's header says; the work process refuses a file that decodes larger
-            declared = [declared_pixels(data, self.config.max_image_pixels) for data in payload]
+        if kind is InputKind.ENCODED:  # what each header says; the work process refuses a file that decodes larger
+            declared = tuple(declared_pixels(data, self.config.max_image_pixels) for data in payload)
         pixels = images * MNIST_PIXELS if declared is None else sum(declared)
         units = pixels + images * IMAGE_UNITS
         self._admit(images, units)
         future = asyncio.get_running_loop().create_future()
-        pending = Pending((next(self._ids), kind, payload, want_inputs, declared), images, pixels, units, future)
+        job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
+        pending = Pending(job, images, pixels, units, future, timeline)
+        if timeline is not None:
+            timeline.queued_ns = time.time_ns()
         self.admitted += images
         self.admitted_units += units
         self.queue.append(pending)
@@ -181,13 +130,10 @@ class Batcher:
         self.counters.queued += not pending.at_once
         self._dispatch()
         try:
-            done = await pending.future
+            return await pending.future
         finally:
             self.admitted -= images
             self.admitted_units -= units
-        if self.metrics is not None:
-            self.metrics.observe_answer(done, kind)
-        return done
 
     def _queued_seconds(self, more_units: int) -> float:
         return (self.admitted_units + more_units) * self.seconds_per_unit / max(1, len(self.processes))
@@ -241,9 +187,12 @@ class Batcher:
         self.counters.batches += 1
         self.counters.last_batch = [p.images for p in batch]
         started = time.perf_counter()
+        for pending in batch:
+            if pending.timeline is not None:
+                pending.timeline.dispatched_ns = time.time_ns()
         try:
-            answers, stats = await asyncio.wait_for(
-                process.run(next(self._ids), [p.job for p in batch]), self.config.work_timeout_s
+            done = await asyncio.wait_for(
+                process.run(Batch(next(self._ids), [p.job for p in batch])), self.config.work_timeout_s
             )
         except (TimeoutError, WorkerFailed, OSError) as exc:
             reason = f"ran past {self.config.work_timeout_s:g} s" if isinstance(exc, asyncio.TimeoutError) else exc
@@ -268,11 +217,12 @@ class Batcher:
         seconds = time.perf_counter() - started
         # priced on the requests that were served: a refused one cost little whatever it declared, and counting
         # its units would let cheap refusals (truncated files declaring 25 megapixels) talk the price down
-        self._learn_price(seconds, sum(p.units for p in batch if not isinstance(answers[p.job[0]], Exception)))
+        answers = done.answers
+        self._learn_price(seconds, sum(p.units for p in batch if not isinstance(answers[p.job.id], Exception)))
         if self.metrics is not None:
-            self.metrics.observe_batch(stats, seconds)
+            self.metrics.observe_batch(done.stats, seconds)
         for pending in batch:
-            answer = answers[pending.job[0]]
+            answer = answers[pending.job.id]
             if not pending.future.done():
                 if isinstance(answer, Exception):
                     pending.future.set_exception(answer)
@@ -340,11 +290,5 @@ class Batcher:
 def start_batcher(model_dir, manifest: dict, config, metrics=None) -> Batcher:
     """The batcher for one HTTP worker, with ``config.work_procs`` work processes serving the exported model
     in ``model_dir``. Blocks until they are ready; raises WorkerFailed with the reason when one cannot start."""
-    init = {
-        "model_dir": str(model_dir),
-        "manifest": manifest,
-        "runtime": config.runtime,
-        "normalization": manifest["normalization"],
-        "limits": config.work_settings(),
-    }
+    init = Init(str(model_dir), manifest, config.runtime, config.work_settings())
     return Batcher(lambda: WorkProcess(init), config.work_procs, config, metrics)

@@ -9,29 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model_files import REEXPORT, ModelFileError, read_verified
+from service.model.files import REEXPORT, ModelFileError, read_verified
 
 log = logging.getLogger(__name__)
-
-
-def softmax_from_log(log_probs: np.ndarray) -> np.ndarray:
-    probs = np.exp(log_probs.astype(np.float64))
-    return probs / probs.sum(axis=1, keepdims=True)
-
-
-def predictions(log_probs: np.ndarray, inputs: np.ndarray | None = None) -> list[dict]:
-    """The model's log-probabilities -> one answer per image, as every predict endpoint returns them; with
-    ``inputs``, each answer also carries the 28x28 image the model saw (intensities 0..1, 3 decimals)."""
-    probs = softmax_from_log(log_probs)
-    digits = probs.argmax(axis=1)
-    answers = [
-        {"digit": int(d), "confidence": float(p[d]), "probabilities": [round(float(v), 6) for v in p]}
-        for d, p in zip(digits, probs)
-    ]
-    if inputs is not None:
-        for answer, image in zip(answers, np.round(inputs.astype(np.float64), 3)):
-            answer["input"] = image.tolist()
-    return answers
 
 
 def _unloadable(path: Path, what: str, exc: Exception) -> ModelFileError:

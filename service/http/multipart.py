@@ -70,8 +70,11 @@ def boundary_of(content_type: str) -> bytes:
         raise bad_request("the multipart boundary must be ASCII") from None
 
 
-def parse(body: bytes, content_type: str, file_field: str, max_parts: int) -> list[Part]:
-    """Every part of the body, in order. Only ``file_field`` is accepted, and only as a file upload."""
+def parse(
+    body: bytes, content_type: str, file_field: str, max_files: int, text_fields: tuple[str, ...] = ()
+) -> list[Part]:
+    """Every part of the body, in order: at most ``max_files`` of ``file_field``, only as file uploads, and each
+    of ``text_fields`` at most once, only as text (``filename`` None); any other field is refused."""
     boundary = boundary_of(content_type)
     delimiter = b"--" + boundary
     if body.startswith(delimiter):
@@ -84,6 +87,7 @@ def parse(body: bytes, content_type: str, file_field: str, max_parts: int) -> li
             )
         pos = found + 2 + len(delimiter)
     parts: list[Part] = []
+    files, texts = 0, set()
     separator = CRLF + delimiter
     while True:
         if body.startswith(b"--", pos):  # the closing delimiter
@@ -91,8 +95,8 @@ def parse(body: bytes, content_type: str, file_field: str, max_parts: int) -> li
         line_end = body.find(CRLF, pos)
         if line_end < 0 or body[pos:line_end].strip(b" \t"):
             raise bad_request("malformed multipart body: a boundary line must end with a line break")
-        if len(parts) == max_parts:
-            raise too_large(f"more than {max_parts} parts in the multipart body; send at most {max_parts} images")
+        if len(parts) == max_files + len(text_fields):
+            raise too_large(f"more than {max_files} parts in the multipart body; send at most {max_files} images")
         head_end = body.find(CRLF + CRLF, line_end, line_end + MAX_PART_HEADERS + 4)
         if head_end < 0:
             if body.find(CRLF + CRLF, line_end) < 0:
@@ -101,11 +105,19 @@ def parse(body: bytes, content_type: str, file_field: str, max_parts: int) -> li
         end = body.find(separator, head_end + 4)
         if end < 0:
             raise bad_request(f"multipart body is truncated: no closing boundary {delimiter.decode()}--")
-        parts.append(_part(body[line_end + 2 : head_end], body[head_end + 4 : end], len(parts), file_field))
+        head, data = body[line_end + 2 : head_end], body[head_end + 4 : end]
+        part = _part(head, data, len(parts), file_field, text_fields)
+        if part.filename is None:
+            if part.name in texts:
+                raise bad_request(f"the field {part.name!r} is sent twice")
+            texts.add(part.name)
+        elif (files := files + 1) > max_files:
+            raise too_large(f"more than {max_files} parts in the multipart body; send at most {max_files} images")
+        parts.append(part)
         pos = end + len(separator)
 
 
-def _part(head: bytes, data: bytes, index: int, file_field: str) -> Part:
+def _part(head: bytes, data: bytes, index: int, file_field: str, text_fields: tuple[str, ...]) -> Part:
     disposition = None
     for line in head.split(CRLF):
         name, sep, value = line.partition(b":")
@@ -123,9 +135,13 @@ def _part(head: bytes, data: bytes, index: int, file_field: str) -> Part:
     field_name = params.get("name")
     if kind != "form-data" or not field_name:
         raise bad_request(f"multipart part {index} is not a named form-data field")
+    filename = params.get("filename", params.get("filename*"))
+    if field_name in text_fields:
+        if filename is not None:
+            raise bad_request(f"multipart part {index} named {field_name!r} is a file; send it as a text field")
+        return Part(field_name, None, data)
     if field_name != file_field:
         raise bad_request(f"unknown field {field_name!r}; send each file in the field {file_field!r}")
-    filename = params.get("filename", params.get("filename*"))
     if filename is None:
         raise bad_request(
             f"multipart part {index} named {file_field!r} is text, not a file; send each image as a file upload"

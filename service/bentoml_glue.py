@@ -1,13 +1,14 @@
-"""A request timeout for BentoML's own routes (its pages and /metrics) that lets go of each request once it is
-answered. The service's routes are answered in front of BentoML's app (service/frontend.py) and never reach it.
+"""Every use of BentoML's private modules, in one place. Written against bentoml 1.4.40 (pinned >=1.4,<1.5 in
+pyproject.toml); tests/service/test_glue.py fails within a second when an upgrade removes what this relies on.
 
-BentoML 1.4's ``TimeoutMiddleware`` schedules ``loop.call_later(timeout, ...)`` for every request and never
-cancels it. The timer keeps the request's context (its tracing span and more, about 20 objects) alive for
-the whole timeout, 30 s here: at 1,000 requests/s over two workers that is some 300,000 live objects per
-worker, so the RSS climbs for the first ``timeout`` seconds under load and every full garbage collection
-walks them all (67-114 ms pauses about once a second, measured; they were most of the p99 latency).
-``install_timeout_fix()`` swaps in a subclass with the same behaviour that cancels its timer when the
-request finishes.
+- the model store's home (``BentoMLContainer.bentoml_home``), for the one-line error when a model is missing;
+- BentoML's Prometheus client (``BentoMLContainer.metrics_client``), so that the service's metrics are summed
+  across workers on BentoML's ``/metrics``;
+- a request timeout for BentoML's own pages that lets go of each request once it is answered: BentoML's
+  ``TimeoutMiddleware`` schedules ``loop.call_later(timeout, ...)`` per request and never cancels it, keeping
+  each request's context alive for the whole timeout (docs/performance.md). The service's own routes are
+  answered in front of BentoML's app and never reach it; its pages (``/docs.json``, ``/metrics``, the files of
+  the API page) do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,18 @@ from __future__ import annotations
 import asyncio
 import json
 
+from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.server.http import traffic
+
+WRITTEN_AGAINST = "1.4.40"
+
+
+def bentoml_home() -> str:
+    return str(BentoMLContainer.bentoml_home.get())
+
+
+def metrics_client():
+    return BentoMLContainer.metrics_client.get()
 
 
 async def reject(send, status: int, message: str) -> None:

@@ -11,6 +11,8 @@ import functools
 
 import numpy as np
 
+from service.engine.messages import InputKind
+
 ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "ui", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
@@ -86,7 +88,7 @@ class Metrics:
                 self.predictions.labels(DIGITS[digit]).inc(int(count))
         for value in confidence:
             self.confidence.observe(float(value))
-        if kind != "normalized":
+        if kind is not InputKind.NORMALIZED:
             self.preprocess.observe(done.prepare_s)
 
     def observe_batch(self, stats, seconds: float) -> None:
@@ -98,6 +100,6 @@ class Metrics:
 
 @functools.cache
 def metrics(max_batch_size: int) -> Metrics:
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    from service.bentoml_glue import metrics_client
 
-    return Metrics(BentoMLContainer.metrics_client.get(), max_batch_size)
+    return Metrics(metrics_client(), max_batch_size)

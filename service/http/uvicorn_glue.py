@@ -1,10 +1,9 @@
-"""Connections, below the ASGI app: the parts of HTTP that only the server sees.
+"""Every uvicorn internal the service relies on, in one place: the parts of HTTP below the ASGI app. Written
+against uvicorn 0.54.0 with httptools 0.9 (pinned in pyproject.toml); tests/service/test_glue.py fails within a
+second when an upgrade removes what this overrides.
 
-BentoML's worker runs uvicorn with its defaults and no hooks, and those defaults let a client hold a socket
-for ever: a connection that sends nothing, or half a request head, stays open (45,000 of them ran the workers
-out of file descriptors), and nothing caps how many connections a worker keeps. ``install()`` registers a
-subclass of uvicorn's httptools protocol as uvicorn's default (the worker builds its config after importing
-the service) that adds:
+BentoML's worker runs uvicorn with its defaults and no hooks. ``install()`` registers a subclass of uvicorn's
+httptools protocol as uvicorn's default (the worker builds its config after importing the service) that adds:
 
 - a deadline for each request head (``MNIST_HEADER_TIMEOUT_S``): from the connection's start, or from the
   previous answer on a kept-alive connection, to the end of the head; past it, a 408 and the connection closes;
@@ -12,10 +11,9 @@ the service) that adds:
 - a per-worker connection cap (``MNIST_MAX_CONNECTIONS``): past it, a new connection's request gets an
   immediate 503 with Retry-After and the connection closes (twice the cap, it is closed unanswered);
 - the keep-alive timeout (``MNIST_KEEP_ALIVE_S``);
-- a graceful drain on SIGTERM (``MNIST_DRAIN_S``): ``/readyz`` answers 503 at once so that load balancers
-  stop sending, requests are still served for the drain period (with ``Connection: close``, to move kept-alive
-  clients elsewhere), then the listening socket closes without resetting anyone (``_end_drain``) and uvicorn's
-  own shutdown finishes every request in progress.
+- on SIGTERM, the drain (``MNIST_DRAIN_S``): the worker's lifecycle says draining at once (so readiness fails),
+  requests are still served for the drain period, then the listening socket closes without resetting anyone
+  (``_end_drain``) and uvicorn's own shutdown finishes every request in progress.
 """
 
 from __future__ import annotations
@@ -28,23 +26,16 @@ import os
 import resource
 import signal
 import socket
-import time
 
 import uvicorn.config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import Server
 
 from service import memory
+from service.core import LIFECYCLE
 
-log = logging.getLogger("service.connections")
-
-
-class DrainState:
-    draining = False
-    started = 0.0
-
-
-DRAIN = DrainState()
+log = logging.getLogger("service.http")
+WRITTEN_AGAINST = "0.54.0"
 
 
 MAX_HEAD_BYTES = 64 * 1024  # URL and headers of one request (browsers send a few KB; Node.js allows 16 KB)
@@ -189,10 +180,10 @@ LAST_REQUESTS_S = 1.0  # after the listener closes: time for the connections acc
 def _handle_exit(server: Server, sig: int, frame) -> None:
     """SIGTERM starts the drain; uvicorn's own exit follows when it ends. A second signal exits at once."""
     drain_s = GuardedProtocol.settings.drain_s if GuardedProtocol.settings else 0
-    if sig != signal.SIGTERM or DRAIN.draining or drain_s <= 0:
+    if sig != signal.SIGTERM or LIFECYCLE.draining or drain_s <= 0:
         return _uvicorn_handle_exit(server, sig, frame)
-    DRAIN.draining, DRAIN.started = True, time.monotonic()
-    log.info("SIGTERM: /readyz now answers 503; serving for %g s more, then finishing requests in progress", drain_s)
+    LIFECYCLE.drain()
+    log.info("SIGTERM: readiness now fails; serving for %g s more, then finishing requests in progress", drain_s)
     loop = asyncio.get_event_loop()  # a signal handler runs on the main thread, whose loop is running
     loop.call_soon_threadsafe(loop.call_later, drain_s, _end_drain, server, sig, frame)
 
@@ -239,7 +230,7 @@ def install(settings) -> None:
     """Make uvicorn use GuardedProtocol and drain on SIGTERM; raise the open-files limit as far as allowed."""
     GuardedProtocol.settings = settings
     uvicorn.config.HTTP_PROTOCOLS["auto"] = uvicorn.config.HTTP_PROTOCOLS["httptools"] = (
-        "service.connections:GuardedProtocol"
+        "service.http.uvicorn_glue:GuardedProtocol"
     )
     Server.handle_exit = _handle_exit
     memory.fix_mmap_threshold()

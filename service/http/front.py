@@ -1,12 +1,9 @@
 """The HTTP front of the service: an ASGI app in front of BentoML's own.
 
-BentoML's per-request machinery (OpenTelemetry, its metrics and access-log middleware, pydantic IO
-descriptors, the request context) cost about 0.5 ms of CPU per request here: a do-nothing route mounted inside
-a BentoML service served 3,500 requests/s, the same route in front of BentoML's app 31,000. So the service's
-own routes (service/routes.py) are answered here, before BentoML's stack, with our own parsing, limits and
-errors; BentoML still serves its pages (``/``, ``/docs.json``, ``/metrics``) and runs the service's
-lifecycle (``bentoml serve``, the model store, start-up and shutdown hooks). Paths that are neither get a 404
-here, so that no client can grow BentoML's path-labelled metrics.
+The service's routes (service/protocols/) are answered here, before BentoML's per-request machinery, with our
+own body limits, errors, request ids, access log and tracing; BentoML still serves its pages (``/docs.json``,
+``/metrics``, the files of the API page) and runs the service's lifecycle. Paths that are neither get a 404
+here, so that no client can grow BentoML's path-labelled metrics. Why in front: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -19,18 +16,21 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from _bentoml_sdk.service.factory import Service
+import bentoml
 
 from service import memory
-from service.connections import DRAIN
+from service.core import LIFECYCLE, Call, Core
 from service.errors import RequestError, bad_request, overloaded, too_large
-from service.metrics import metrics
+from service.observe import access
+from service.observe.metrics import metrics
 
-log = logging.getLogger("service.frontend")
+log = logging.getLogger("service.http")
 JSON = b"application/json"
 RELEASE_DELAY_S = 1.0
+BENTOML_PATHS = frozenset({"/docs.json", "/schema.json", "/metrics"})  # what BentoML's app serves for us
+BENTOML_PREFIXES = ("/static_content/",)  # ... and the files of the API page
+BENTOML_METHODS = ("GET", "HEAD")
 
 
 @dataclass
@@ -46,8 +46,9 @@ class Response:
         return cls(status, json.dumps(value).encode())
 
 
-def error_response(exc: RequestError) -> Response:
-    response = Response.json({"error": exc.message}, exc.status)
+def error_response(exc: RequestError, request_id: str = "") -> Response:
+    body = {"error": exc.message, "request_id": request_id} if request_id else {"error": exc.message}
+    response = Response.json(body, exc.status)
     if exc.retry_after is not None:
         response.headers.append((b"retry-after", str(exc.retry_after).encode()))
     if exc.status == 401:
@@ -65,6 +66,7 @@ class Request:
         self.headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:  # repeated headers: the first wins, as most servers do
             self.headers.setdefault(name, value)
+        self.call = Call(access.request_id(self.headers.get(b"x-request-id")))
         self.reserved = 0  # bytes of this request's body counted against the worker's in-flight cap
         self.size = 0  # the body's declared or received size, whether or not it was accepted
         # a body that was declared but not read to its end: answer, then close (rather than read it to discard)
@@ -75,6 +77,13 @@ class Request:
 
     def header(self, name: bytes) -> str:
         return self.headers.get(name, b"").decode("latin-1")
+
+    @property
+    def core(self) -> Core:
+        """The core a route works with; a 503 while this worker is still starting."""
+        if self.front.core is None:
+            raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
+        return self.front.core
 
     def flag(self, name: str) -> bool:
         """A yes/no query parameter: ``?name=1`` (or true, yes)."""
@@ -152,7 +161,7 @@ class ClientGone(Exception):
     """The client closed the connection before its request was read."""
 
 
-Handler = Callable[[object, Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -164,73 +173,116 @@ class Route:
 
 
 class Frontend:
-    """Routes the service's own paths to their handlers and everything BentoML serves to BentoML's app."""
+    """Routes the service's own paths to their handlers and BentoML's pages to BentoML's app."""
 
-    def __init__(self, bentoml_app, routes: dict[str, Route], config, bentoml_paths: set[str]):
+    def __init__(self, bentoml_app, routes: dict[str, Route], config):
         self.app, self.routes, self.config = bentoml_app, routes, config
-        self.bentoml_paths = bentoml_paths
-        self.service = None  # the service instance, once BentoML's lifespan has created it
+        self.core: Core | None = None  # once BentoML's lifespan has created the service instance
+        self.tracing = None
         self.inflight_bytes = 0
         self._release_scheduled = False
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             return await self.app(scope, receive, self._watch_startup(send))
-        if scope["type"] != "http":  # the service speaks no WebSocket (service/connections.py refuses upgrades)
+        if scope["type"] != "http":  # the service speaks no WebSocket (the uvicorn glue refuses upgrades)
             return
         path = scope["path"]
-        route = self.routes.get(path) or self.routes.get(path[: path.find("/", 1)] + "/*" if "/" in path[1:] else "")
+        route = self.routes.get(path)
+        if route is None and "/" in path[1:]:
+            path = path[: path.find("/", 1)] + "/*"  # a family of paths one adapter parses (the v2 protocol)
+            route = self.routes.get(path)
         if route is None:
-            if path in self.bentoml_paths and scope["method"] in BENTOML_METHODS:
-                if path == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
-                    return await self._send(error_response(_unauthorized()), send, close=False)
-                return await self.app(scope, receive, _closing(send) if DRAIN.draining else send)
-            route = BENTOML_PAGE if path in self.bentoml_paths else NOT_FOUND
-        await self._serve(route, scope, receive, send)
+            if path in BENTOML_PATHS or scope["path"].startswith(BENTOML_PREFIXES):
+                return await self._bentoml(scope, receive, send)
+            route, path = NOT_FOUND, "unknown"
+        await self._serve(route, path, scope, receive, send)
 
     def _watch_startup(self, send):
         async def watched(message):
             if message["type"] == "lifespan.startup.complete":
-                import bentoml
-
-                self.service = bentoml.get_current_service()
+                self.core = bentoml.get_current_service().core
+                self.tracing = self.core.tracing
             await send(message)
 
         return watched
 
-    async def _serve(self, route: Route, scope, receive, send) -> None:
+    async def _serve(self, route: Route, template: str, scope, receive, send) -> None:
+        """``template``: the route's path as the routing table names it (a trace span's name, never the client's
+        own path)."""
         started = time.perf_counter()
         request = Request(self, scope, receive)
+        call = request.call
+        if self.tracing is not None:
+            call.span = self.tracing.start(scope["method"], template, request.headers, call.request_id)
+        reason = None
         try:
             if scope["method"] not in route.methods and route is not NOT_FOUND:
-                response = Response.json({"error": f"{scope['path']} accepts {', '.join(route.methods)}"}, 405)
-                response.headers.append((b"allow", ", ".join(route.methods).encode()))
-            elif route.protected and not self._authorized(scope):
+                allow = ", ".join(route.methods)
+                raise RequestError(405, "unsupported", f"{scope['path'][:200]} accepts {allow}", allow=allow)
+            if route.protected and not self._authorized(scope):
                 raise _unauthorized()
-            else:
-                response = await route.handler(self.service, request)
+            response = await route.handler(request)
         except RequestError as exc:
+            reason = exc.reason
             metrics(self.config.max_batch_size).rejected.labels(exc.reason).inc()
-            response = error_response(exc)
+            response = error_response(exc, call.request_id)
         except ClientGone:
+            self._end_span(call, 499, "gone")
             return
         except asyncio.CancelledError:
             if not request.gone:
                 raise
             asyncio.current_task().uncancel()
+            self._end_span(call, 499, "gone")
             return  # nobody to answer
         except Exception:  # noqa: BLE001 - a bug: the client gets a 500 with no details, the log the traceback
-            log.exception("%s %s failed", scope["method"], scope["path"])
-            response = Response.json({"error": "internal server error"}, 500)
+            log.exception("%s %s failed (request %s)", scope["method"], scope["path"][:200], call.request_id)
+            reason = "internal"
+            response = error_response(RequestError(500, "internal", "internal server error"), call.request_id)
         finally:
             request.done()
             self.inflight_bytes -= request.reserved
             if request.size >= memory.LARGE:
                 self._schedule_release()
-        await self._send(response, send, close=request.unread_body or DRAIN.draining)
+        response.headers.append((b"x-request-id", call.request_id.encode()))
+        await self._send(response, send, close=request.unread_body or LIFECYCLE.draining)
+        seconds = time.perf_counter() - started
         m = metrics(self.config.max_batch_size)
         m.requests.labels(route.endpoint, str(response.status)).inc()
-        m.latency.labels(route.endpoint).observe(time.perf_counter() - started)
+        m.latency.labels(route.endpoint).observe(seconds)
+        self._end_span(call, response.status, reason)
+        if self.config.access_log:
+            method, path = scope["method"], scope["path"]
+            access.record(method, path, response.status, seconds, request.size, len(response.body), call.request_id)
+
+    def _end_span(self, call: Call, status: int, reason: str | None) -> None:
+        if call.span is not None:
+            self.tracing.end(call.span, status, reason)
+
+    async def _bentoml(self, scope, receive, send) -> None:
+        """BentoML's pages: GET and HEAD only; /metrics behind the token unless it is public; kept-alive
+        clients sent elsewhere during a drain; logged like the service's own routes."""
+        if scope["method"] not in BENTOML_METHODS:
+            return await self._serve(BENTOML_PAGE, "bentoml", scope, receive, send)
+        if scope["path"] == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
+            return await self._serve(PROTECTED_PAGE, "/metrics", scope, receive, send)
+        started, sent = time.perf_counter(), {"status": 0, "bytes": 0}
+        rid = access.request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+
+        async def answered(message):
+            if message["type"] == "http.response.start":
+                extra = [(b"x-request-id", rid.encode())] + ([(b"connection", b"close")] if LIFECYCLE.draining else [])
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                sent["status"] = message["status"]
+            else:
+                sent["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, answered)
+        if self.config.access_log:
+            seconds = time.perf_counter() - started
+            access.record(scope["method"], scope["path"], sent["status"], seconds, 0, sent["bytes"], rid)
 
     def _authorized(self, scope) -> bool:
         """With MNIST_API_TOKEN set: the request carries ``Authorization: Bearer <token>``, compared in constant
@@ -268,60 +320,23 @@ class Frontend:
         await send({"type": "http.response.body", "body": response.body})
 
 
-def started(service):
-    """The service a route works with; ``None`` while its worker is still starting: 503."""
-    if service is None:
-        raise RequestError(503, "unavailable", "the service is starting; retry shortly", 1)
-    return service
-
-
 def _unauthorized() -> RequestError:
     return RequestError(401, "unauthorized", "this endpoint needs the header Authorization: Bearer <MNIST_API_TOKEN>")
 
 
-def _closing(send):
-    """BentoML's answers during a drain carry Connection: close too."""
-
-    async def closing(message):
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-        await send(message)
-
-    return closing
-
-
-async def _not_found(service, request: Request) -> Response:
+async def _not_found(request: Request) -> Response:
     raise RequestError(404, "not_found", f"no such path: {request.scope['path'][:200]}; see / for the API")
 
 
 NOT_FOUND = Route("unknown", (), _not_found, protected=False)
-BENTOML_METHODS = ("GET", "HEAD")
 BENTOML_PAGE = Route("bentoml", BENTOML_METHODS, _not_found, protected=False)  # for the 405 on other methods
+PROTECTED_PAGE = Route("bentoml", BENTOML_METHODS, _not_found, protected=True)  # /metrics behind the token
 
 
-def bentoml_paths() -> set[str]:
-    """What BentoML's app serves for us: its pages, its metrics, and the files of its docs page."""
-    from bentoml._internal import server
-
-    static = Path(server.__file__).parent / "static_content"
-    files = {f"/static_content/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
-    return {"/docs.json", "/schema.json", "/metrics", *files}
-
-
-class LeanService(Service):
-    """A BentoML service whose ASGI app is the Frontend around BentoML's own. ``bentoml serve`` and the test
-    client both get the app from ``to_asgi``, so this is the one place it is wired."""
-
-    __slots__ = ()
-    front: tuple = ({}, None)  # (routes, config), set by ``lean``: one service per process
+class FrontedService(bentoml.Service):
+    """A BentoML service whose ASGI app is the Frontend around BentoML's own: named as ``service_class`` in
+    ``@bentoml.service``. ``bentoml serve`` and the test client both get the app from ``to_asgi``. The routes
+    and settings are the service class's ``routes`` and ``settings``."""
 
     def to_asgi(self, is_main: bool = True):
-        routes, config = LeanService.front
-        return Frontend(super().to_asgi(is_main), routes, config, bentoml_paths())
-
-
-def lean(service: Service, routes: dict[str, Route], config) -> Service:
-    """Serve ``routes`` from the front of ``service``'s app (see LeanService)."""
-    service.__class__ = LeanService
-    LeanService.front = (routes, config)
-    return service
+        return Frontend(super().to_asgi(is_main), self.inner.routes, self.inner.settings)

@@ -1,15 +1,18 @@
 """What each kind of input becomes: N MNIST-style images, [N, 28, 28] float32 in 0..1, white on black.
 
-Runs in the work processes (service/worker.py), never on a worker's event loop: decoding images and parsing
-JSON arrays are the CPU-heavy part of a request. Every refusal is a RequestError with its status.
+Runs in the work processes (service/engine/work.py), never on a worker's event loop. Every refusal is a
+RequestError with its status.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from service.engine.messages import InputKind
 from service.errors import RequestError, bad_request, parsed_json, too_large
-from service.preprocess import (
+from service.inputs.preprocess import (
     MNIST_SIDE,
     ImageError,
     ImageTooLarge,
@@ -21,8 +24,6 @@ from service.preprocess import (
     to_gray,
 )
 
-KINDS = ("encoded", "json", "pixels", "normalized")
-
 
 class Counts:
     """What this process has decoded: reported with each batch, so that a test and an operator can see that a
@@ -33,30 +34,28 @@ class Counts:
 
 
 def model_input(
-    kind: str, payload, limits, mean: float, std: float, declared: list[int] | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from).
-    ``normalized`` is already the model's input (the Open Inference Protocol's raw network): checked, not changed."""
-    if kind == "normalized":
+    kind: InputKind, payload, limits, mean: float, std: float, declared: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from,
+    whether the payload itself asks for those images back: a JSON body's ``"return_input": true``).
+    NORMALIZED is already the model's input (the Open Inference Protocol's raw network): checked, not changed."""
+    if kind is InputKind.NORMALIZED:
         check_count(len(payload), limits)
         if not np.isfinite(payload).all():
             i = int(np.argwhere(~np.isfinite(payload))[0][0])
             raise _bad(f"images[{i}] holds NaN or infinite values; the network's input must be finite")
-        return payload, None
-    images = to_mnist(kind, payload, limits, declared)
-    return normalize(images, mean, std), images
-
-
-def to_mnist(kind: str, payload, limits, declared: list[int] | None = None) -> np.ndarray:
-    """One request's payload -> [N, 28, 28]: ``encoded`` image files (list of bytes), a ``json`` body
-    ``{"images": [...]}`` (bytes), or ``pixels`` already in arrays (N x 28 x 28 in 0..1)."""
-    if kind == "encoded":
-        return encoded_to_mnist(payload, limits, declared)
-    if kind == "json":
-        return pixels_to_mnist(json_images(payload), limits)
-    if kind == "pixels":
-        return pixels_to_mnist(payload, limits)
-    raise ValueError(f"unknown input kind {kind!r}")
+        return payload, None, False
+    asked = False
+    if kind is InputKind.ENCODED:
+        images = encoded_to_mnist(payload, limits, declared)
+    elif kind is InputKind.JSON:
+        pixels, asked = json_images(payload)
+        images = pixels_to_mnist(pixels, limits)
+    elif kind is InputKind.PIXELS:
+        images = pixels_to_mnist(payload, limits)
+    else:
+        raise ValueError(f"unknown input kind {kind!r}")
+    return normalize(images, mean, std), images, asked
 
 
 def check_count(n: int, limits) -> None:
@@ -66,11 +65,11 @@ def check_count(n: int, limits) -> None:
         raise too_large(f"{n} images in one request; the limit is {limits.max_images_per_request}")
 
 
-def encoded_to_mnist(files: list[bytes], limits, declared: list[int] | None = None) -> np.ndarray:
+def encoded_to_mnist(files: list[bytes], limits, declared: tuple[int, ...] | None = None) -> np.ndarray:
     """Every header is read and checked against the request's budget before any image is decoded.
 
-    ``declared``: the pixels the batcher priced each file at (service/image_size.py reads its header without a
-    decoder). A file that Pillow opens larger than that says two different sizes (a GIF whose frame overflows
+    ``declared``: the pixels the batcher priced each file at (service/inputs/image_size.py reads its header
+    without a decoder). A file that Pillow opens larger than that says two different sizes (a GIF whose frame overflows
     its screen, a JPEG with two frame markers, ...): refused, so that no request costs more than it was priced.
     """
     check_count(len(files), limits)
@@ -118,15 +117,19 @@ class _image_errors:
         return False
 
 
-def json_images(body: bytes) -> list:
-    """The ``images`` list of a JSON body."""
+def json_images(body: bytes) -> tuple[list, bool]:
+    """The ``images`` list of a JSON body, and its ``return_input`` (false when absent: BentoML's client sends
+    the API method's arguments as the body's fields)."""
     too_deep = 'the JSON body is nested too deeply; expected {"images": [28x28 arrays]}'
     doc = parsed_json(body, too_deep, "the body is not valid JSON")
     if not isinstance(doc, dict) or "images" not in doc:
         raise bad_request('expected a JSON object {"images": [...]}: N images, each 28 rows of 28 numbers in 0..1')
     if not isinstance(doc["images"], list):
         raise bad_request(f'"images" must be a list of 28x28 arrays, got {type(doc["images"]).__name__}')
-    return doc["images"]
+    asked = doc.get("return_input", False)
+    if not isinstance(asked, bool):
+        raise bad_request(f'"return_input" must be true or false, got {json.dumps(asked)[:40]}')
+    return doc["images"], asked
 
 
 def pixels_to_mnist(images, limits) -> np.ndarray:

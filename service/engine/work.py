@@ -1,0 +1,190 @@
+"""A work process: ``python -m service.engine.work --fd N``, started by each HTTP worker (service/engine/process.py).
+
+It does every CPU-heavy step of a request, so that the HTTP worker's event loop only moves bytes and always
+answers its health checks: decoding images and JSON, the MNIST-style preprocessing, and the model call. It
+takes one batch at a time, prepares each request on its own (a bad image fails only its own request), runs one
+model call for all of them, and sends the answers back. A crash here costs only this process: the worker
+restarts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from service import memory
+from service.engine.messages import (
+    Batch,
+    BatchDone,
+    BatchStats,
+    Done,
+    Failed,
+    Init,
+    InputKind,
+    Job,
+    Ready,
+    RuntimeInfo,
+    receive,
+    send,
+)
+
+LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give the freed memory back
+log = logging.getLogger("service.work")
+
+
+class Work:
+    """The model and the settings a work process needs, loaded once."""
+
+    def __init__(self, init: Init):
+        from service.config import ServiceConfig
+        from service.model.runtime import load_runtime
+
+        self.limits = ServiceConfig(**init.limits)
+        normalization = init.manifest["normalization"]
+        self.mean, self.std = normalization["mean"], normalization["std"]
+        self.runtime = load_runtime(init.runtime, init.model_dir, init.manifest, self.limits.threads_per_worker)
+        self.runtime.log_probs(np.zeros((2, 1, 28, 28), dtype=np.float32))  # warm-up: first-call allocations
+        self._warm_up_preprocessing()
+
+    @property
+    def info(self) -> RuntimeInfo:
+        r = self.runtime
+        return RuntimeInfo(r.name, r.device, r.file, r.sha256)
+
+    def _warm_up_preprocessing(self) -> None:
+        """Import and run the decoding and preprocessing once before the first request: a slow first batch
+        would teach the batcher a price that refuses the first burst after start-up (docs/performance.md)."""
+        from PIL import Image
+
+        from service.inputs.decode import Counts, model_input
+
+        stroke = Image.new("L", (28, 28))
+        stroke.paste(255, (12, 5, 16, 23))
+        buf = io.BytesIO()
+        stroke.save(buf, format="PNG")
+        counted = Counts.decoded_images, Counts.decoded_pixels
+        model_input(InputKind.ENCODED, [buf.getvalue()], self.limits, self.mean, self.std, (28 * 28,))
+        Counts.decoded_images, Counts.decoded_pixels = counted  # what clients sent, only
+
+    def run(self, batch: Batch) -> BatchDone:
+        from service.inputs.decode import Counts
+
+        answers, ready, decoded_before, pixels_before = {}, [], Counts.decoded_images, Counts.decoded_pixels
+        for job in batch.jobs:
+            start = time.time_ns()
+            prepared = self._prepare(job)
+            if isinstance(prepared, Exception):
+                answers[job.id] = prepared
+            else:
+                ready.append((job, *prepared, start, time.time_ns()))
+        decoded = {
+            "decoded_images": Counts.decoded_images - decoded_before,
+            "decoded_pixels": Counts.decoded_pixels - pixels_before,
+        }
+        if not ready:
+            return BatchDone(batch.id, answers, BatchStats(0, **decoded))
+        images = np.concatenate([x for _, x, *_ in ready])
+        model_start = time.time_ns()
+        try:
+            log_probs = self.runtime.log_probs(images)
+        except Exception:  # noqa: BLE001 - the runtime failed: every request of the batch gets a 500
+            ids = ", ".join(job.request_id for job, *_ in ready)
+            log.error("the model call failed (requests %s):\n%s", ids, traceback.format_exc())
+            failed = _internal("the model failed on this batch")
+            stats = BatchStats(0, **decoded)
+            return BatchDone(batch.id, {**answers, **{job.id: failed for job, *_ in ready}}, stats)
+        stats = BatchStats(len(images), model_start, time.time_ns(), **decoded)
+        offset = 0
+        for job, x, seen, start, end in ready:
+            answer = log_probs[offset : offset + len(x)].copy()
+            answers[job.id] = Done(answer, seen, start, end, model_start, stats.model_end_ns, len(images))
+            offset += len(x)
+        return BatchDone(batch.id, answers, stats)
+
+    def _prepare(self, job: Job):
+        """(the model's input, the 28x28 images if asked for), or the RequestError the request ends in."""
+        from service.errors import RequestError
+        from service.inputs.decode import model_input
+
+        try:
+            x, seen, asked = model_input(job.kind, job.payload, self.limits, self.mean, self.std, job.declared)
+            return x, seen if job.want_inputs or asked else None
+        except RequestError as exc:  # a fresh copy: the raised one's traceback holds the decoded images
+            return RequestError(exc.status, exc.reason, exc.message, exc.retry_after)
+        except Exception:  # noqa: BLE001 - a bug, not the client's input: logged, answered 500
+            log.error("preparing request %s failed:\n%s", job.request_id or job.id, traceback.format_exc())
+            return _internal("the server failed to prepare this request")
+
+
+def _internal(message: str):
+    from service.errors import RequestError
+
+    return RequestError(500, "internal", message)
+
+
+def _die_with_parent() -> None:
+    try:  # Linux: SIGKILL when the HTTP worker that started us dies, however it dies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(sock: socket.socket) -> int:
+    init = receive(sock)
+    if init is None:
+        return 0
+    from service.model.files import ModelFileError
+
+    try:
+        work = Work(init)
+    except ModelFileError as exc:  # reported to the worker, which stops start-up with it
+        send(sock, Failed(str(exc)))
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the same, for what the runtime raises on its own
+        send(sock, Failed(f"{type(exc).__name__}: {str(exc).strip()[:300]}"))
+        return 1
+    send(sock, Ready(work.info))
+    while (batch := receive(sock)) is not None:
+        done = work.run(batch)
+        send(sock, done)
+        stats = done.stats
+        del batch, done  # nothing of this batch outlives it
+        if stats.decoded_pixels > LARGE_DECODE_PIXELS or stats.model_images > 1024:
+            memory.release()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.engine.work", description=__doc__.splitlines()[0])
+    p.add_argument("--fd", type=int, required=True, help="the socket to the HTTP worker")
+    args = p.parse_args(argv)
+    # The HTTP worker decides when we stop (it closes the socket once its requests are answered): a Ctrl-C or a
+    # SIGTERM sent to the whole process group must not cut the requests in progress.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    memory.fix_mmap_threshold()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [%(levelname)s] [work:{os.getpid()}] %(message)s")
+    with socket.socket(fileno=args.fd) as sock:
+        try:
+            return serve(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            return 0
+
+
+if __name__ == "__main__":
+    # Run from the imported module, so that the classes the messages pickle are service.engine.work's imports,
+    # not __main__'s.
+    from service.engine.work import main as work_main
+
+    sys.exit(work_main())
