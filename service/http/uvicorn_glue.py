@@ -41,7 +41,18 @@ WRITTEN_AGAINST = "0.54.0"
 MAX_HEAD_BYTES = 64 * 1024  # URL and headers of one request (browsers send a few KB; Node.js allows 16 KB)
 
 
+# A body costs a parser callback per piece (a chunk of a chunked body, or each read of a trickled one): past
+# FREE_BODY_PIECES pieces, a body must average MIN_BODY_PIECE bytes a piece, so that 1-byte chunks cannot make
+# a 32 MiB body cost millions of callbacks on the event loop.
+FREE_BODY_PIECES = 1024
+MIN_BODY_PIECE = 256
+
+
 class HeadTooLarge(Exception):
+    pass
+
+
+class BodyInTinyPieces(Exception):
     pass
 
 
@@ -57,6 +68,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_head = True  # between requests, or inside a request's head: its bytes count towards the bound
         self._raw_head_bytes = 0  # bytes received while in a head, counted by data_received
         self._head_too_large = False
+        self._body_pieces = self._body_bytes = 0
+        self._tiny_pieces = False
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -83,8 +96,16 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.send_400_response("")
 
     def on_message_begin(self) -> None:
-        self._head_bytes = 0
+        self._head_bytes = self._body_pieces = self._body_bytes = 0
         super().on_message_begin()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_pieces += 1
+        self._body_bytes += len(body)
+        if self._body_pieces > FREE_BODY_PIECES and self._body_pieces * MIN_BODY_PIECE > self._body_bytes:
+            self._tiny_pieces = True
+            raise BodyInTinyPieces()  # the parser stops; uvicorn answers a parser error with send_400_response
+        super().on_body(body)
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -104,6 +125,11 @@ class GuardedProtocol(HttpToolsProtocol):
         """uvicorn's answer to what httptools cannot parse, as JSON like every other refusal."""
         if self._head_too_large:
             self._answer_and_close(431, f"the request's URL and headers are over {MAX_HEAD_BYTES} bytes")
+        elif self._tiny_pieces:
+            average = self._body_bytes // self._body_pieces
+            self._answer_and_close(
+                400, f"the request body arrives in pieces of {average} bytes on average; send it in larger chunks"
+            )
         else:
             self._answer_and_close(400, "malformed HTTP: the request line or headers do not parse as HTTP/1.1")
 

@@ -16,7 +16,7 @@ import struct
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame markers
 MAX_JPEG_SEGMENTS = 256
-MAX_JPEG_FILL = 1024  # 0xFF fill bytes before one marker (encoders write none or a few)
+MAX_JPEG_FILL = 1024  # 0xFF fill bytes before the frame marker, in all (encoders write none or a few)
 PNM_PREFIX = 512  # a PGM/PPM's width and height, with their whitespace and comments, within this prefix
 _PNM_SPACE = frozenset(b" \t\n\r\f\v")
 _DIGITS = frozenset(b"0123456789")
@@ -54,12 +54,13 @@ def _size(d: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg(d: bytes) -> tuple[int, int] | None:
-    pos = 2
+    pos, fill_left = 2, MAX_JPEG_FILL
     for _ in range(MAX_JPEG_SEGMENTS):
-        window = d[pos : pos + MAX_JPEG_FILL + 2]
+        window = d[pos : pos + fill_left + 2]
         fill = len(window) - len(window.lstrip(b"\xff"))  # a marker is 0xFF after any number of 0xFF fill bytes
         if fill == 0 or fill == len(window):
             return None
+        fill_left -= fill - 1
         pos += fill - 1
         marker = d[pos + 1]
         if marker in _SOF:

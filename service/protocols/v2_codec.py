@@ -23,8 +23,12 @@ DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u
 # of tiny nested lists parse slowly: 1.4 s for 4 MB of [[0],[0],...]). Binary tensors are for bulk.
 MAX_JSON_BYTES = 1536 * 1024
 MAX_JSON_CONTAINERS = 4096
-MAX_ELEMENTS = 1 << 24  # of any one tensor; the model's limits are far smaller and are checked next
-MAX_BYTES_ELEMENTS = 4096  # of a BYTES tensor: each element is walked in Python, on the event loop
+MAX_JSON_VALUES = 65_536  # commas, a bound on JSON values (a 64-image FP32 request as JSON has 50,175)
+# Of all the request's tensors together: a request may carry many inputs, and each is parsed before the model's
+# own limits (one input, 64 images) are checked.
+MAX_ELEMENTS = 1 << 24  # the model's limits are far smaller and are checked next
+MAX_BYTES_ELEMENTS = 4096  # of BYTES tensors: each element is walked in Python, on the event loop
+MAX_NAME = 80  # characters of a client's name shown back in a message
 MAX_RANK = 8  # numpy allows 64 dimensions; the models take 1 to 4
 _LENGTH = struct.Struct("<I")
 MAX_HEADER_LENGTH_DIGITS = 12
@@ -67,10 +71,15 @@ def parse(body: bytes, header_length: bytes | None) -> InferRequest:
             f"the request's JSON holds more than {MAX_JSON_CONTAINERS} arrays and objects: send each tensor's data "
             "as one flat list (or as binary)"
         )
+    if json_part.count(b",") > MAX_JSON_VALUES:
+        raise too_large(
+            f"the request's JSON holds more than {MAX_JSON_VALUES} values: send large tensors with the binary tensor "
+            "data extension"
+        )
     doc = _object(json_part)
-    inputs, offset = [], 0
+    inputs, offset, budget = [], 0, {"BYTES": MAX_BYTES_ELEMENTS, "*": MAX_ELEMENTS}
     for i, spec in enumerate(_list(doc, "inputs")):
-        tensor, used = _tensor(spec, i, binary[offset:])
+        tensor, used = _tensor(spec, i, binary[offset:], budget)
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
@@ -79,19 +88,22 @@ def parse(body: bytes, header_length: bytes | None) -> InferRequest:
     binary_flags = {"*": _flag(params, "binary_data_output", "the request")}
     outputs = None
     if "outputs" in doc:
-        outputs = []
+        outputs, seen = [], set()
         for j, out in enumerate(_list(doc, "outputs")):
             name = out.get("name") if isinstance(out, dict) else None
             if not isinstance(name, str):
                 raise bad_request(f"outputs[{j}] needs a name")
-            if name in outputs:
-                raise bad_request(f"output {name!r} is asked for twice")
+            if name in seen:
+                raise bad_request(f"output {name[:MAX_NAME]!r} is asked for twice")
+            seen.add(name)
             outputs.append(name)
-            out_params = _parameters(out, f"output {name!r}")
+            out_params = _parameters(out, f"output {name[:MAX_NAME]!r}")
             if "binary_data" in out_params:
-                binary_flags[name] = _flag(out_params, "binary_data", f"output {name!r}")
+                binary_flags[name] = _flag(out_params, "binary_data", f"output {name[:MAX_NAME]!r}")
     request_id = doc.get("id")
-    return InferRequest(None if request_id is None else str(request_id), inputs, outputs, binary_flags)
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad_request("the request's id must be a string")
+    return InferRequest(request_id, inputs, outputs, binary_flags)
 
 
 def _parameters(owner: dict, where: str) -> dict:
@@ -124,26 +136,29 @@ def _list(doc: dict, key: str) -> list:
     return value
 
 
-def _tensor(spec, i: int, binary: memoryview) -> tuple[Tensor, int]:
-    """inputs[i] -> (tensor, binary bytes it used)."""
+def _tensor(spec, i: int, binary: memoryview, budget: dict[str, int]) -> tuple[Tensor, int]:
+    """inputs[i] -> (tensor, binary bytes it used); its elements are taken from the request's ``budget``."""
     if not isinstance(spec, dict):
         raise bad_request(f"inputs[{i}] must be an object with name, shape, datatype and data")
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-    where = f"input {name!r}" if isinstance(name, str) else f"inputs[{i}]"
+    where = f"input {name[:MAX_NAME]!r}" if isinstance(name, str) else f"inputs[{i}]"
     if not isinstance(name, str) or not isinstance(datatype, str):
         raise bad_request(f"{where} needs a name and a datatype")
-    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {str(shape)[:80]}")
-    if len(shape) > MAX_RANK:
+    if isinstance(shape, list) and len(shape) > MAX_RANK:
         raise bad_request(f"{where}: shape has {len(shape)} dimensions; a tensor may have at most {MAX_RANK}")
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
+        shown = str(shape[:MAX_RANK])[:80] if isinstance(shape, list) else type(shape).__name__
+        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {shown}")
     # every dimension bounded too, not only their product: a zero elsewhere makes any product 0
     count, largest = math.prod(shape), max(shape)  # Python integers: no overflow whatever the dimensions
-    limit = MAX_BYTES_ELEMENTS if datatype == "BYTES" else MAX_ELEMENTS
-    if count > limit or largest > limit:
+    kind = "BYTES" if datatype == "BYTES" else "*"
+    if count > budget[kind] or largest > budget[kind]:
+        limit = MAX_BYTES_ELEMENTS if kind == "BYTES" else MAX_ELEMENTS
         raise too_large(
-            f"{where}: shape {str(shape)[:80]} holds {max(count, largest)} elements; a {datatype} tensor may hold "
-            f"{limit}"
+            f"{where}: shape {str(shape)[:80]} holds {max(count, largest)} elements; the {datatype[:20]} tensors of a "
+            f"request may hold {limit} in all"
         )
+    budget[kind] -= count
     size = _parameters(spec, where).get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or size > len(binary):

@@ -244,7 +244,7 @@ def test_a_bytes_tensor_of_millions_of_empty_elements_is_refused_from_its_shape(
     tensor = {"name": "images", "datatype": "BYTES", "shape": [2_000_000], "parameters": {"binary_data_size": len(raw)}}
     header = json.dumps({"inputs": [tensor]}).encode()
     response = _infer(server, "mnist", header + raw, {"inference-header-content-length": str(len(header))})
-    assert response.status_code == 413 and "a BYTES tensor may hold 4096" in response.text
+    assert response.status_code == 413 and "the BYTES tensors of a request may hold 4096 in all" in response.text
 
 
 def test_header_length_with_whitespace_and_405_with_allow(server):
