@@ -15,7 +15,7 @@ TRAIN_ARGS ?=
 MNIST_DATA_DIR ?= $(if $(wildcard ../shared/data/MNIST/raw),$(abspath ../shared/data),)
 export MNIST_DATA_DIR
 
-.PHONY: install test train export serve bento bench bench-quick bench-peers lint clean \
+.PHONY: install test test-fast train export serve bento bench bench-quick bench-peers lint clean \
 	docker-up container container-gpu container-test container-gpu-test
 
 install: $(VENV)/.installed
@@ -34,6 +34,10 @@ test: install
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
 		 echo "note: Chromium could not be installed; the browser test will be skipped")
 	$(PY) -m pytest
+
+# The tests not marked slow (no `bentoml serve`, no model store, no work processes), with the coverage of service/.
+test-fast: install
+	$(PY) -m pytest -m "not slow" -q --cov=service --cov-report=term-missing:skip-covered --cov-fail-under=75
 
 lint: install
 	$(PY) -m ruff check .

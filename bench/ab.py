@@ -8,7 +8,8 @@ servers of ``make bench`` (bento, bento-unbatched, book-flask, bento-noop) it ca
 - ``--ref NAME:GITREF``: our service as it was at a commit, from a temporary ``git worktree``.
 
 Example, this session's changes against the commit before them:
-``python -m bench.ab bento book-flask --ref before:fdafae6 --clients 64 --rounds 3``
+``python -m bench.ab bento book-flask --ref before:fdafae6 --clients 64 --rounds 3``; with ``--file
+screenshot.png`` our service gets that file (``--images`` copies per request) instead of a 28x28 MNIST PNG.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def worktree(ref: str):
             subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
 
 
-def requests(images, per_request: int = 1) -> dict[str, tuple[str, bytes, str]]:
+def requests(images, per_request: int = 1, file: Path | None = None) -> dict[str, tuple[str, bytes, str]]:
     """server kind -> (path, body, content type): ``per_request`` PNGs per request to our service, as in
-    ``make bench``; the book's server and the no-op always take one."""
+    ``make bench`` (or ``per_request`` copies of ``file``); the book's server and the no-op always take one."""
+    if file is not None:
+        ours = http.multipart([("images", file.name, file.read_bytes(), "application/octet-stream")] * per_request)
+    else:
+        ours = http.png_request(images.numpy(), per_request)
     return {
-        "ours": ("/predict", *http.png_request(images.numpy(), per_request)),
+        "ours": ("/predict", *ours),
         "book-flask": ("/test", *http.book_request(to_model_input(images[:1], Normalization()).numpy()[0])),
         "bento-noop": ("/noop", *http.NOOP_REQUEST),
     }
@@ -61,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=4, help="seconds per wrk window")
     p.add_argument("--images", type=int, default=1, help="PNGs per request to our service (default 1)")
     p.add_argument("--checkpoint", default=str(BOOK), help="the model served by every server")
+    p.add_argument("--file", type=Path, help="an image file to send our service instead of a 28x28 MNIST PNG")
     args = p.parse_args(argv)
+    if args.file is not None and not args.file.is_file():
+        p.error(f"no such file: {args.file}")
 
     images, _ = load_mnist(resolve_data_dir(), train=False)
-    bodies = requests(images, args.images)
+    bodies = requests(images, args.images, args.file)
     with tempfile.TemporaryDirectory() as home, contextlib.ExitStack() as stack:
         from export.build import ExportConfig, build
 
@@ -85,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         live = {name: stack.enter_context(server) for name, server in servers.items()}
         loads = {name: (*bodies.get(name, bodies["ours"]), args.window) for name in live}
         windows = http.interleaved(live, loads, args.clients, args.rounds)
-    print(
-        f"\n{args.clients} clients, {args.images} PNG(s) per request to our service, "
-        f"medians of {args.rounds} windows of {args.window} s\n"
-    )
+    what = f"{args.file.name} x {args.images}" if args.file else f"{args.images} PNG(s)"
+    windows_of = f"medians of {args.rounds} windows of {args.window} s"
+    print(f"\n{args.clients} clients, {what} per request to our service, {windows_of}\n")
     print("| server | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |\n" + "| --- " * 7 + "|")
     for name, ws in windows.items():
         m = http.median_of(ws)

@@ -36,9 +36,6 @@ try:
     exporters_named(os.environ)  # OpenTelemetry's settings, checked here so that a bad one stops start-up at once
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
-# The v2 protocol's JSON header is parsed on the event loop, and converting a decimal integer costs time that
-# grows with the square of its digits: no value of ours needs more than 640 (Python's own default is 4,300).
-sys.set_int_max_str_digits(640)
 uvicorn_glue.install(CONFIG)  # before the worker builds its uvicorn config
 bentoml_glue.install_timeout_fix()  # before BentoML builds its app
 

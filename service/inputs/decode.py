@@ -181,7 +181,7 @@ def _described(value) -> str:
 
 
 def _shown(value) -> str:
-    value = float(value) if not isinstance(value, (int, float)) else value
+    value = value if type(value) in (int, float) else float(value)  # numpy scalars too (np.float64 is a float)
     return "NaN" if value != value else repr(value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -29,7 +30,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     data = _read_regular_file(path, MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past the limit
         raise ModelFileError(f"{path} cannot be read ({str(exc)[:120] or type(exc).__name__}); {REEXPORT}") from None
     problem = _manifest_problem(manifest)
     if problem:
@@ -115,4 +116,4 @@ def _manifest_problem(m) -> str | None:
 
 
 def _number(value) -> bool:
-    return type(value) in (int, float)
+    return type(value) is int or (type(value) is float and math.isfinite(value))  # JSON's NaN, Infinity: floats

@@ -146,7 +146,9 @@ async def _classify(core: Core, request: Request, tensor: v2_codec.Tensor, spec:
 def _checked(tensor: v2_codec.Tensor, spec: TensorSpec, limit: int) -> np.ndarray:
     datatype = V2_DTYPE[spec.dtype]
     if tensor.datatype != datatype:
-        raise RequestError(400, "bad_shape", f"input {tensor.name!r} must be {datatype}, got {tensor.datatype[:20]}")
+        raise RequestError(
+            400, "bad_shape", f"input {tensor.name[:80]!r} must be {datatype}, got {tensor.datatype[:20]}"
+        )
     _check_shape(tensor, spec.shape, limit)
     return tensor.value
 
@@ -154,11 +156,15 @@ def _checked(tensor: v2_codec.Tensor, spec: TensorSpec, limit: int) -> np.ndarra
 def _check_shape(tensor: v2_codec.Tensor, shape: tuple[int, ...], limit: int) -> None:
     ok = len(tensor.shape) == len(shape) and all(d == -1 or d == s for d, s in zip(shape, tensor.shape))
     if not ok:
-        raise RequestError(400, "bad_shape", f"input {tensor.name!r} must have shape {list(shape)}, got {tensor.shape}")
+        raise RequestError(
+            400, "bad_shape", f"input {tensor.name[:80]!r} must have shape {list(shape)}, got {tensor.shape}"
+        )
     if tensor.shape[0] == 0:
-        raise bad_request(f"input {tensor.name!r} holds no images")
+        raise bad_request(f"input {tensor.name[:80]!r} holds no images")
     if tensor.shape[0] > limit:
         raise RequestError(413, "too_large", f"{tensor.shape[0]} images in one request; the limit is {limit}")
 
 
-ROUTE = Route("v2", ("GET", "POST"), v2, protected=False)  # the token is checked per path: health stays open
+# Every method reaches the adapter, which answers a 405 with the Allow of the path asked for; the token is
+# checked per path: health stays open.
+ROUTE = Route("v2", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"), v2, protected=False)

@@ -29,6 +29,11 @@ MAX_JSON_VALUES = 65_536  # commas, a bound on JSON values (a 64-image FP32 requ
 MAX_ELEMENTS = 1 << 24  # the model's limits are far smaller and are checked next
 MAX_BYTES_ELEMENTS = 4096  # of BYTES tensors: each element is walked in Python, on the event loop
 MAX_NAME = 80  # characters of a client's name shown back in a message
+# Converting a decimal integer costs time that grows with the square of its digits (Python allows 4,300): no
+# value of this protocol needs more than 640, so longer runs of digits are refused before the parser sees them.
+MAX_DIGITS = 640
+_DIGITS_AS_9 = bytes(0x39 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))  # every digit a 9, the rest spaces
+_TOO_MANY_DIGITS = b"9" * (MAX_DIGITS + 1)
 MAX_RANK = 8  # numpy allows 64 dimensions; the models take 1 to 4
 _LENGTH = struct.Struct("<I")
 MAX_HEADER_LENGTH_DIGITS = 12
@@ -76,6 +81,8 @@ def parse(body: bytes, header_length: bytes | None) -> InferRequest:
             f"the request's JSON holds more than {MAX_JSON_VALUES} values: send large tensors with the binary tensor "
             "data extension"
         )
+    if _TOO_MANY_DIGITS in json_part.translate(_DIGITS_AS_9):  # a substring search in C: linear
+        raise bad_request(f"the request's JSON holds a number of more than {MAX_DIGITS} digits")
     doc = _object(json_part)
     inputs, offset, budget = [], 0, {"BYTES": MAX_BYTES_ELEMENTS, "*": MAX_ELEMENTS}
     for i, spec in enumerate(_list(doc, "inputs")):
@@ -147,16 +154,15 @@ def _tensor(spec, i: int, binary: memoryview, budget: dict[str, int]) -> tuple[T
     if isinstance(shape, list) and len(shape) > MAX_RANK:
         raise bad_request(f"{where}: shape has {len(shape)} dimensions; a tensor may have at most {MAX_RANK}")
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        shown = str(shape[:MAX_RANK])[:80] if isinstance(shape, list) else type(shape).__name__
-        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {shown}")
+        raise bad_request(f"{where}: shape must be a list of non-negative integers, got {_shown_shape(shape)}")
     # every dimension bounded too, not only their product: a zero elsewhere makes any product 0
     count, largest = math.prod(shape), max(shape)  # Python integers: no overflow whatever the dimensions
     kind = "BYTES" if datatype == "BYTES" else "*"
     if count > budget[kind] or largest > budget[kind]:
         limit = MAX_BYTES_ELEMENTS if kind == "BYTES" else MAX_ELEMENTS
         raise too_large(
-            f"{where}: shape {str(shape)[:80]} holds {max(count, largest)} elements; the {datatype[:20]} tensors of a "
-            f"request may hold {limit} in all"
+            f"{where}: shape {_shown_shape(shape)} holds {_shown_int(max(count, largest))} elements; the "
+            f"{datatype[:20]} tensors of a request may hold {limit} in all"
         )
     budget[kind] -= count
     size = _parameters(spec, where).get("binary_data_size")
@@ -205,6 +211,11 @@ def _from_json(data, datatype: str, shape: list[int], count: int, where: str) ->
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise bad_request(f"{where}: {datatype} values must be in {info.min}..{info.max}")
+    if dtype.kind == "f" and values.size:
+        if not np.isfinite(values).all():
+            raise bad_request(f"{where}: {datatype} values must be finite numbers (no NaN or Infinity)")
+        if np.abs(values).max() > np.finfo(dtype).max:
+            raise bad_request(f"{where}: a value is too large for {datatype}")
     return values.astype(dtype).reshape(shape)
 
 
@@ -232,8 +243,31 @@ def _flat_numbers(data, where: str, integers: bool) -> list:
 
 def _dtype(datatype: str, where: str) -> np.dtype:
     if datatype not in DTYPES:
-        raise RequestError(400, "bad_shape", f"{where}: unsupported datatype {datatype!r}")
+        raise RequestError(400, "bad_shape", f"{where}: unsupported datatype {datatype[:20]!r}")
     return DTYPES[datatype]
+
+
+def _shown_int(n: int) -> str:
+    return str(n) if abs(n) < 10**18 else "a huge number"  # no 4,000-digit numbers in messages
+
+
+def _shown_shape(value, depth: int = 0) -> str:
+    """A client's shape for a message, in bounded work: at most MAX_RANK items of at most two levels of lists,
+    numbers shortened, strings cut."""
+    if depth == 0 and not isinstance(value, list):
+        return type(value).__name__
+    if type(value) is int:
+        return _shown_int(value)
+    if isinstance(value, (bool, float)) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:20])
+    if isinstance(value, list):
+        if depth == 2:
+            return "[...]" if value else "[]"
+        items = ", ".join(_shown_shape(v, depth + 1) for v in value[:MAX_RANK])
+        return "[" + items + (", ...]" if len(value) > MAX_RANK else "]")
+    return type(value).__name__
 
 
 def encode(

@@ -1,0 +1,180 @@
+"""The connection guards below the ASGI app (service/http/uvicorn_glue.py), driven with raw bytes through
+uvicorn's real httptools protocol on a fake transport: no sockets, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from service.config import ServiceConfig
+from service.http import uvicorn_glue
+from service.http.uvicorn_glue import FREE_BODY_PIECES, MAX_HEAD_BYTES, GuardedProtocol
+
+
+class Transport(asyncio.Transport):
+    """Like asyncio's own: closing it tells the protocol, on the loop's next turn, that the connection is lost."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.protocol = None
+
+    def write(self, data):
+        if not self.closed:
+            self.written += data
+
+    def close(self):
+        if not self.closed and self.protocol is not None:
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+        self.closed = True
+
+    def abort(self):
+        self.close()
+
+    def is_closing(self):
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 3000)}.get(name, default)
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def status(self) -> int:
+        return int(self.written.split(b" ", 2)[1]) if self.written else 0
+
+    def json(self) -> dict:
+        return json.loads(self.written.partition(b"\r\n\r\n")[2])
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    answer = b"ok %d" % len(body)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+@pytest.fixture
+def settings():
+    previous = GuardedProtocol.settings
+    GuardedProtocol.settings = ServiceConfig(header_timeout_s=0.05, max_connections=2, keep_alive_s=3)
+    yield GuardedProtocol.settings
+    GuardedProtocol.settings = previous
+
+
+async def _connect(connections: set | None = None) -> tuple[GuardedProtocol, Transport]:
+    config = Config(app=app, http="httptools", lifespan="off", log_config=None)
+    state = ServerState()
+    if connections is not None:
+        state.connections = connections
+    protocol = GuardedProtocol(config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop())
+    transport = Transport()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+def _exchange(*pieces: bytes, wait: float = 0.02, connections: set | None = None) -> Transport:
+    async def scenario():
+        protocol, transport = await _connect(connections)
+        for piece in pieces:
+            if transport.closed:
+                break
+            protocol.data_received(piece)
+            await asyncio.sleep(0)
+        await asyncio.sleep(wait)
+        return protocol, transport
+
+    protocol, transport = asyncio.run(scenario())
+    assert protocol.timeout_keep_alive == 3
+    return transport
+
+
+def test_a_plain_request_goes_through(settings):
+    transport = _exchange(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    assert transport.status() == 200 and transport.written.endswith(b"ok 5")
+
+
+def test_a_head_over_the_size_bound_is_431(settings):
+    url = b"/" + b"x" * MAX_HEAD_BYTES
+    transport = _exchange(b"GET " + url + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert transport.status() == 431 and transport.closed
+
+
+def test_a_header_value_that_never_ends_is_431(settings):
+    pieces = [b"GET / HTTP/1.1\r\nX-Long: "] + [b"v" * 8192] * (MAX_HEAD_BYTES // 8192 + 2)
+    transport = _exchange(*pieces)
+    assert transport.status() == 431 and "URL and headers" in transport.json()["error"]
+
+
+def test_a_head_that_does_not_complete_in_time_is_408(settings):
+    transport = _exchange(b"GET / HTTP/1.1\r\nHost: a\r\n", wait=0.2)
+    assert transport.status() == 408 and "within 0.05 s" in transport.json()["error"] and transport.closed
+
+
+def test_an_idle_connection_is_answered_408_and_closed(settings):
+    transport = _exchange(wait=0.2)
+    assert transport.status() == 408 and transport.closed
+
+
+def test_malformed_http_is_a_json_400(settings):
+    transport = _exchange(b"NOT HTTP AT ALL\r\n\r\n")
+    assert transport.status() == 400 and "malformed HTTP" in transport.json()["error"]
+
+
+def test_a_body_in_tiny_chunks_is_refused(settings):
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    transport = _exchange(head, b"1\r\nx\r\n" * (FREE_BODY_PIECES + 10))
+    assert transport.status() == 400 and "pieces of 1 bytes on average" in transport.json()["error"]
+
+
+def test_a_body_in_fair_chunks_is_not(settings):
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"100\r\n" + b"x" * 256 + b"\r\n"
+    transport = _exchange(head, chunk * (FREE_BODY_PIECES + 10) + b"0\r\n\r\n")
+    assert transport.status() == 200 and transport.written.endswith(b"ok %d" % (256 * (FREE_BODY_PIECES + 10)))
+
+
+def test_past_the_connection_cap_a_request_gets_503_but_liveness_stays_200(settings):
+    crowd = {object(), object()}  # two connections open already: the cap
+    busy = _exchange(b"GET /predict HTTP/1.1\r\nHost: a\r\n\r\n", connections=set(crowd))
+    assert busy.status() == 503 and b"retry-after: 1" in busy.written.lower()
+    live = _exchange(b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n", connections=set(crowd))
+    assert live.status() == 200
+
+
+def test_twice_past_the_cap_a_connection_is_closed_unanswered(settings):
+    transport = _exchange(connections={object() for _ in range(5)})
+    assert transport.closed and transport.written == b""
+
+
+def test_websocket_upgrades_are_answered_as_plain_http(settings):
+    transport = _exchange(
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    assert transport.status() == 200
+
+
+def test_install_makes_uvicorn_use_the_guarded_protocol():
+    import uvicorn.config
+    from uvicorn.server import Server
+
+    uvicorn_glue.install(ServiceConfig())
+    assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "service.http.uvicorn_glue:GuardedProtocol"
+    assert Server.handle_exit is uvicorn_glue._handle_exit
