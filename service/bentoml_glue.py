@@ -2,6 +2,7 @@
 pyproject.toml); tests/service/test_glue.py fails within a second when an upgrade removes what this relies on.
 
 - the model store's home (``BentoMLContainer.bentoml_home``), for the one-line error when a model is missing;
+- whether this process is one of ``bentoml serve``'s workers (``server_context.worker_index``);
 - BentoML's Prometheus client (``BentoMLContainer.metrics_client``), so that the service's metrics are summed
   across workers on BentoML's ``/metrics``;
 - a request timeout for BentoML's own pages that lets go of each request once it is answered: BentoML's
@@ -17,6 +18,7 @@ import asyncio
 import json
 
 from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import server_context
 from bentoml._internal.server.http import traffic
 
 WRITTEN_AGAINST = "1.4.40"
@@ -24,6 +26,11 @@ WRITTEN_AGAINST = "1.4.40"
 
 def bentoml_home() -> str:
     return str(BentoMLContainer.bentoml_home.get())
+
+
+def in_worker() -> bool:
+    """Running as a worker of ``bentoml serve`` (not imported by the arbiter, a build, or a test)."""
+    return server_context.worker_index is not None
 
 
 def metrics_client():

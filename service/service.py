@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from bentoml.models import BentoModel
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
 
-from service import bentoml_glue
+from service import bentoml_glue, linux
 from service.config import ConfigError, ServiceConfig
 from service.core import Core, InputKind
 from service.engine.batcher import start_batcher
@@ -108,6 +109,8 @@ class MNISTClassifier:
             sys.exit(f"error: model {tag}: {exc}")
 
     def __init__(self) -> None:
+        if bentoml_glue.in_worker():  # drain and exit when `bentoml serve` is gone, even killed with -9
+            linux.on_parent_death(signal.SIGTERM)
         try:
             engine = start_batcher(Path(self.model.path), MANIFEST, CONFIG, metrics(CONFIG.max_batch_size))
         except WorkerFailed as exc:

@@ -77,6 +77,8 @@ class Batcher:
         self.seconds_per_unit = 0.0  # a moving average over recent batches, for the queue's depth in time
         self.counters = Counters()
         self.closing = False
+        self.restarting = 0  # replacements being started: requests wait for them rather than being refused
+        self.start_failed = False  # the latest start of a replacement failed: refuse until one is up
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
 
@@ -109,7 +111,7 @@ class Batcher:
     ) -> Done:
         """The work process's answer for one request of at most ``images`` images, or the RequestError it
         ends in."""
-        if not self.processes:
+        if not self.processes and (not self.restarting or self.start_failed):
             raise RequestError(503, "unavailable", "no work process is running; retry later", self.config.retry_after_s)
         declared = None
         if kind is InputKind.ENCODED:  # what each header says; the work process refuses a file that decodes larger
@@ -125,10 +127,10 @@ class Batcher:
         self.admitted += images
         self.admitted_units += units
         self.queue.append(pending)
-        pending.at_once = bool(self.idle) and len(self.queue) == 1
+        self._dispatch()
+        pending.at_once = not self.queue or self.queue[-1] is not pending  # already on its way to a process
         self.counters.at_once += pending.at_once
         self.counters.queued += not pending.at_once
-        self._dispatch()
         try:
             return await pending.future
         finally:
@@ -155,6 +157,9 @@ class Batcher:
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:
+            if self.idle[0].proc.poll() is not None:  # it died while idle: the batch waits for its replacement
+                self._replace(self.idle.popleft())
+                continue
             batch = self._take()
             if batch:
                 task = asyncio.get_running_loop().create_task(self._run(self.idle.popleft(), batch))
@@ -196,7 +201,7 @@ class Batcher:
             )
         except (TimeoutError, WorkerFailed, OSError) as exc:
             reason = f"ran past {self.config.work_timeout_s:g} s" if isinstance(exc, asyncio.TimeoutError) else exc
-            self._learn_price(time.perf_counter() - started, sum(p.units for p in batch))  # at least this dear
+            self._learn_price(time.perf_counter() - started, sum(p.units for p in batch), at_least=True)
             log.error("work process %s failed on a batch of %d requests: %s", process.proc.pid, len(batch), reason)
             self._fail(
                 batch,
@@ -231,10 +236,13 @@ class Batcher:
         self.idle.append(process)
         self._dispatch()
 
-    def _learn_price(self, seconds: float, units: int) -> None:
-        """The seconds per unit of work: a moving average over batches (none learned from a batch with no units)."""
+    def _learn_price(self, seconds: float, units: int, at_least: bool = False) -> None:
+        """The seconds per unit of work: a moving average over batches (none learned from a batch with no units).
+        ``at_least``: a batch that failed part way (a crash, the timeout) only ever raises the price."""
         if units:
             per_unit = seconds / units
+            if at_least and per_unit <= self.seconds_per_unit:
+                return
             previous = self.seconds_per_unit or per_unit
             self.seconds_per_unit = 0.8 * previous + 0.2 * per_unit
 
@@ -244,36 +252,47 @@ class Batcher:
                 pending.future.set_exception(error)
 
     def _replace(self, dead: WorkProcess) -> None:
+        """Start a replacement for a process that died or hung. Only the batch it held has failed: requests
+        queued meanwhile, and those that come while it starts, wait for it (within the queue's bounds)."""
         dead.close(kill=True)
         self.processes.remove(dead)
         self.counters.restarts += 1
         if self.metrics is not None:
             self.metrics.restarts.inc()
-        if not self.processes:  # nothing left to run the queue: refuse it now rather than hold it
-            error = RequestError(503, "unavailable", "no work process is running; retry", self.config.retry_after_s)
-            self._fail(list(self.queue), error)
-            self.queue.clear()
-        task = asyncio.get_running_loop().create_task(self._restart())
+        self.restarting += 1
+        task = asyncio.get_running_loop().create_task(self._restart(dead))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self) -> None:
+    async def _restart(self, dead: WorkProcess) -> None:
         delay = 0.5
-        while not self.closing:
-            try:
-                process = await asyncio.to_thread(self.start)
-            except WorkerFailed as exc:
-                log.error("restarting a work process failed (%s); next try in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 30)
-                continue
-            if self.closing:
-                process.close()
+        try:
+            await asyncio.to_thread(dead.proc.wait)  # reaped (it was killed), so that no zombie is left
+            while not self.closing:
+                try:
+                    process = await asyncio.to_thread(self.start)
+                except (WorkerFailed, OSError) as exc:  # OSError: no process could be made (file descriptors, ...)
+                    log.error("restarting a work process failed (%s); next try in %.0f s", exc, delay)
+                    self.start_failed = True
+                    if not self.processes:  # nobody left to run the queue, and no replacement soon: refuse it
+                        error = RequestError(
+                            503, "unavailable", "no work process could be started; retry", self.config.retry_after_s
+                        )
+                        self._fail(list(self.queue), error)
+                        self.queue.clear()
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 30)
+                    continue
+                if self.closing:
+                    process.close()
+                    return
+                self.start_failed = False
+                self.processes.append(process)
+                self.idle.append(process)
+                self._dispatch()
                 return
-            self.processes.append(process)
-            self.idle.append(process)
-            self._dispatch()
-            return
+        finally:
+            self.restarting -= 1
 
     def close(self) -> None:
         """Let each process finish its batch and exit."""

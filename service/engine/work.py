@@ -10,7 +10,6 @@ restarts it.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import io
 import logging
 import os
@@ -22,7 +21,7 @@ import traceback
 
 import numpy as np
 
-from service import memory
+from service import linux
 from service.engine.messages import (
     Batch,
     BatchDone,
@@ -132,13 +131,6 @@ def _internal(message: str):
     return RequestError(500, "internal", message)
 
 
-def _die_with_parent() -> None:
-    try:  # Linux: SIGKILL when the HTTP worker that started us dies, however it dies
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def serve(sock: socket.socket) -> int:
     init = receive(sock)
     if init is None:
@@ -160,7 +152,7 @@ def serve(sock: socket.socket) -> int:
         stats = done.stats
         del batch, done  # nothing of this batch outlives it
         if stats.decoded_pixels > LARGE_DECODE_PIXELS or stats.model_images > 1024:
-            memory.release()
+            linux.release()
     return 0
 
 
@@ -172,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM sent to the whole process group must not cut the requests in progress.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    memory.fix_mmap_threshold()
+    linux.on_parent_death(signal.SIGKILL)
+    linux.fix_mmap_threshold()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [%(levelname)s] [work:{os.getpid()}] %(message)s")
     with socket.socket(fileno=args.fd) as sock:
         try:

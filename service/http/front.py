@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import bentoml
 
-from service import memory
+from service import linux
 from service.core import LIFECYCLE, Call, Core
 from service.errors import RequestError, bad_request, overloaded, too_large
 from service.observe import access
@@ -28,6 +28,8 @@ from service.observe.metrics import metrics
 log = logging.getLogger("service.http")
 JSON = b"application/json"
 RELEASE_DELAY_S = 1.0
+SMALL_BODY = 1024 * 1024  # a body this large or smaller (declared or so far) may use the in-flight cap's reserve
+SMALL_BODY_SHARE = 8  # the reserve: 1/8 of MNIST_MAX_INFLIGHT_BYTES (32 MiB of 256), for small bodies only
 BENTOML_PATHS = frozenset({"/docs.json", "/schema.json", "/metrics"})  # what BentoML's app serves for us
 BENTOML_PREFIXES = ("/static_content/",)  # ... and the files of the API page
 BENTOML_METHODS = ("GET", "HEAD")
@@ -147,11 +149,14 @@ class Request:
             self._watcher.cancel()
 
     def _reserve(self, n: int) -> None:
-        front = self.front
-        if front.inflight_bytes + n > front.config.max_inflight_bytes and front.inflight_bytes:
+        """Count ``n`` more bytes of this body against the worker's in-flight cap. Large bodies may fill only
+        part of it: the rest is kept for small ones, so that large uploads held open (stalled one byte short of
+        their end, say) cannot lock out the ordinary requests."""
+        front, cap = self.front, self.front.config.max_inflight_bytes
+        limit = cap - cap // SMALL_BODY_SHARE if self.size > SMALL_BODY else cap
+        if front.inflight_bytes + n > limit and front.inflight_bytes:
             raise overloaded(
-                f"request bodies in memory on this worker would pass {front.config.max_inflight_bytes} bytes",
-                front.config.retry_after_s,
+                f"request bodies in memory on this worker would pass {limit} bytes", front.config.retry_after_s
             )
         front.inflight_bytes += n
         self.reserved += n
@@ -243,7 +248,7 @@ class Frontend:
         finally:
             request.done()
             self.inflight_bytes -= request.reserved
-            if request.size >= memory.LARGE:
+            if request.size >= linux.LARGE:
                 self._schedule_release()
         response.headers.append((b"x-request-id", call.request_id.encode()))
         await self._send(response, send, close=request.unread_body or LIFECYCLE.draining)
@@ -303,8 +308,8 @@ class Frontend:
 
     def _release(self) -> None:
         self._release_scheduled = False
-        if self.inflight_bytes < memory.LARGE:
-            memory.release()
+        if self.inflight_bytes < linux.LARGE:
+            linux.release()
         else:  # still busy with large bodies: try again later
             self._schedule_release()
 

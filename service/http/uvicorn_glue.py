@@ -8,8 +8,14 @@ httptools protocol as uvicorn's default (the worker builds its config after impo
 - a deadline for each request head (``MNIST_HEADER_TIMEOUT_S``): from the connection's start, or from the
   previous answer on a kept-alive connection, to the end of the head; past it, a 408 and the connection closes;
 - a size bound on each request head (``MAX_HEAD_BYTES``: the URL and headers; httptools has none): past it, 431;
-- a per-worker connection cap (``MNIST_MAX_CONNECTIONS``): past it, a new connection's request gets an
-  immediate 503 with Retry-After and the connection closes (twice the cap, it is closed unanswered);
+- a per-worker cap on requests in progress (``MNIST_MAX_CONNECTIONS``): past it, a request gets an immediate
+  503 with Retry-After. Connections that wait (no request head yet, kept alive between requests, lingering) do
+  not count; past twice the cap in sockets, a new connection sheds the one that has waited longest, so idle or
+  slow sockets can never crowd out a client that sends whole requests;
+- a lingering close (nginx's): an answer sent before the request's body was read is followed by a half-close
+  and the rest of the body read and dropped (at most ``LINGER_S``, ``LINGER_BYTES``), so that a client that
+  writes its whole request before reading gets the answer rather than a reset; and a client that half-closes
+  after a complete request still gets its answer;
 - the keep-alive timeout (``MNIST_KEEP_ALIVE_S``);
 - on SIGTERM, the drain (``MNIST_DRAIN_S``): the worker's lifecycle says draining at once (so readiness fails),
   requests are still served for the drain period, then the listening socket closes without resetting anyone
@@ -20,18 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import resource
 import signal
 import socket
+import tempfile
 
 import uvicorn.config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import Server
 
-from service import memory
+from service import linux
 from service.core import LIFECYCLE
 
 log = logging.getLogger("service.http")
@@ -48,12 +56,42 @@ FREE_BODY_PIECES = 1024
 MIN_BODY_PIECE = 256
 
 
+LINGER_S = 5.0
+LINGER_BYTES = 64 * 1024 * 1024
+# TCP cannot tell a client that half-closed after its request (shutdown(SHUT_WR), `nc -N`) from one that closed
+# and left: both send FIN. One whose FIN comes with its request, or within this, is answered; a FIN that comes
+# later, while the request waits, means a client that gave up, and its queued work is dropped.
+HALF_CLOSE_GRACE_S = 1.0
+
+
 class HeadTooLarge(Exception):
     pass
 
 
 class BodyInTinyPieces(Exception):
     pass
+
+
+# This worker's connections that wait (no request in progress), oldest first: the ones to shed for a newcomer.
+WAITING: dict[GuardedProtocol, None] = {}
+
+
+class _Transport:
+    """The socket as uvicorn sees it: closing it lingers when the client may still be sending."""
+
+    __slots__ = ("_transport", "_protocol")
+
+    def __init__(self, transport, protocol: GuardedProtocol):
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol._close()
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -64,6 +102,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = self.settings.keep_alive_s
         self._head_timer = None
         self._over_cap = False
+        self._raw = None  # the transport itself (self.transport is the lingering view of it)
+        self._message_done = True  # the current request's body has been read to its end (or there is none)
+        self._lingering = False
+        self._lingered = 0
+        self._peer_done = False  # the client half-closed after its request
+        self._message_done_at = 0.0
         self._head_bytes = 0
         self._in_head = True  # between requests, or inside a request's head: its bytes count towards the bound
         self._raw_head_bytes = 0  # bytes received while in a head, counted by data_received
@@ -72,21 +116,62 @@ class GuardedProtocol(HttpToolsProtocol):
         self._tiny_pieces = False
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        cap = self.settings.max_connections
-        if len(self.connections) > 2 * cap:  # keep the worker's file descriptors for the clients it serves
-            transport.abort()
-            return
-        self._over_cap = len(self.connections) > cap
+        self._raw = transport
+        super().connection_made(_Transport(transport, self))
+        if len(self.connections) > 2 * self.settings.max_connections:  # keep the file descriptors for real clients
+            if not WAITING:
+                transport.abort()  # every socket has a request in progress: this one waits its turn elsewhere
+                self.connections.discard(self)
+                return
+            oldest = next(iter(WAITING))
+            del WAITING[oldest]
+            self.connections.discard(oldest)  # gone now, though uvicorn hears of it on the loop's next turn
+            oldest._raw.abort()
+        WAITING[self] = None
         self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        WAITING.pop(self, None)
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        """The client half-closed. Right after a whole request it still gets the answer (then the connection
+        closes); otherwise (nothing asked, a request that can now never be complete, or a client that gave up
+        waiting: see HALF_CLOSE_GRACE_S) the connection closes now."""
+        in_progress = self.cycle is not None and not self.cycle.response_complete
+        just_sent = self._message_done and self.loop.time() - self._message_done_at <= HALF_CLOSE_GRACE_S
+        if not self._lingering and in_progress and just_sent:
+            self._peer_done = True
+            return True
+        return False
+
+    def _close(self) -> None:
+        """Close, or linger while the client may still be sending its request (see the module's docstring)."""
+        raw = self._raw
+        if self._lingering or raw.is_closing():
+            return
+        if self._message_done or self._peer_done or not raw.can_write_eof():
+            raw.close()
+            return
+        self._lingering = True
+        self._cancel_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:  # the app still waits for the body: it
+            self.cycle.disconnected = True  # gets a disconnect now, and uvicorn drops whatever it would still send
+            self.cycle.message_event.set()
+        WAITING[self] = None  # sheddable like any socket without a request in progress
+        raw.write_eof()  # the answer, then our end of the stream: the client reads the answer to its end
+        raw.resume_reading()
+        self.loop.call_later(LINGER_S, raw.close)
 
     def data_received(self, data: bytes) -> None:
         """httptools hands a header over only once it is complete, so a value that never ends would not be
         counted by ``on_header``: count what arrives while the head is incomplete, too."""
+        if self._lingering:  # the rest of a body nobody will read: dropped, within bounds
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self._raw.close()
+            return
         in_head = self._in_head
         super().data_received(data)
         if in_head and self._in_head and not self.transport.is_closing():
@@ -97,7 +182,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_bytes = self._body_pieces = self._body_bytes = 0
+        self._message_done = False
         super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._message_done, self._message_done_at = True, self.loop.time()
+        super().on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         self._body_pieces += 1
@@ -142,12 +232,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        WAITING.pop(self, None)  # a request in progress: counted against the cap from now
+        self._over_cap = len(self.connections) - len(WAITING) > self.settings.max_connections
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         self._in_head, self._raw_head_bytes = True, 0
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        if self._peer_done:
+            self._raw.close()
+        elif not self.transport.is_closing() and not self.pipeline:
+            WAITING[self] = None
             self._arm_head_timer()
 
     def _start_asgi_task(self, cycle, app) -> None:
@@ -179,12 +274,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 async def _over_capacity(scope, receive, send) -> None:
-    """A connection past the cap gets one answer and is closed: 503, except liveness (the worker is alive:
-    a probe must not restart it for being busy)."""
+    """A request past the cap gets one answer and its connection is closed: 503, except liveness (the worker
+    is alive: a probe must not restart it for being busy)."""
     settings = GuardedProtocol.settings
     status, body = (
         503,
-        b'{"error": "the server is overloaded: this worker has %d connections open; retry later"}'
+        b'{"error": "the server is overloaded: this worker has %d requests in progress; retry later"}'
         % (settings.max_connections),
     )
     if scope["path"] in ("/livez", "/healthz", "/v2/health/live"):
@@ -204,9 +299,14 @@ LAST_REQUESTS_S = 1.0  # after the listener closes: time for the connections acc
 
 
 def _handle_exit(server: Server, sig: int, frame) -> None:
-    """SIGTERM starts the drain; uvicorn's own exit follows when it ends. A second signal exits at once."""
+    """SIGTERM starts the drain; uvicorn's own exit follows when it ends. Another SIGTERM during the drain
+    changes nothing (a supervisor that signals every process, as systemd does, and ``bentoml serve`` passing its
+    own on, send two); SIGINT exits without a drain, and a second one at once."""
     drain_s = GuardedProtocol.settings.drain_s if GuardedProtocol.settings else 0
-    if sig != signal.SIGTERM or LIFECYCLE.draining or drain_s <= 0:
+    if sig == signal.SIGTERM and LIFECYCLE.draining:
+        log.info("SIGTERM again: the drain goes on")
+        return None
+    if sig != signal.SIGTERM or drain_s <= 0:
         return _uvicorn_handle_exit(server, sig, frame)
     LIFECYCLE.drain()
     log.info("SIGTERM: readiness now fails; serving for %g s more, then finishing requests in progress", drain_s)
@@ -217,10 +317,12 @@ def _handle_exit(server: Server, sig: int, frame) -> None:
 def _end_drain(server: Server, sig: int, frame) -> None:
     """Close the listening sockets without resetting anyone. The kernel completes handshakes for a listening
     socket on its own, and closing it resets every connection still queued, whose client has already sent its
-    request. So, in one go on the event loop: stop accepting, accept what is queued, and shut the socket for
-    every process that shares it (the arbiter keeps a copy: closing ours alone would leave the kernel accepting
-    for it); from then on a new client is refused, never half-served. Then let the last connections send their
-    requests, and hand over to uvicorn's shutdown, which finishes every request in progress."""
+    request. So, in one go on the event loop: stop accepting, and accept what is queued. Then, if no other worker
+    still listens, shut the socket for every process that shares it (the arbiter keeps a copy: closing ours
+    alone would leave the kernel accepting for it), so that from then on a new client is refused, never
+    half-served; if another worker does, it keeps the port (a worker stopped on its own must not close the port
+    for the rest). Then let the last connections send their requests, and hand over to uvicorn's shutdown,
+    which finishes every request in progress."""
     loop = asyncio.get_running_loop()
 
     def protocol():
@@ -235,10 +337,39 @@ def _end_drain(server: Server, sig: int, frame) -> None:
         for sock in socks:
             for conn in _accept_all(sock):
                 loop.create_task(loop.connect_accepted_socket(protocol, conn))
-            with contextlib.suppress(OSError):  # another worker shut it first
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            with _one_worker_at_a_time(sock):  # so that two workers draining at once cannot both leave it open
+                if not _other_workers_listen_on(sock):
+                    # what queued while we looked, then the shutdown at once: it resets whatever is still queued
+                    for conn in _accept_all(sock):
+                        loop.create_task(loop.connect_accepted_socket(protocol, conn))
+                    with contextlib.suppress(OSError):  # already shut
+                        sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
     loop.call_later(LAST_REQUESTS_S, _uvicorn_handle_exit, server, sig, frame)
+
+
+@contextlib.contextmanager
+def _one_worker_at_a_time(sock: socket.socket):
+    stat = os.fstat(sock.fileno())
+    path = os.path.join(tempfile.gettempdir(), f"mnist-serving-listener-{stat.st_dev}-{stat.st_ino}.lock")
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _other_workers_listen_on(sock: socket.socket) -> bool:
+    """Whether a process other than this one and its parent (``bentoml serve``) holds this socket."""
+    target = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+    ours = {os.getpid(), os.getppid()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) in ours:
+            continue
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True
+        except OSError:  # gone, or not ours to read
+            continue
+    return False
 
 
 def _accept_all(sock: socket.socket) -> list[socket.socket]:
@@ -259,7 +390,7 @@ def install(settings) -> None:
         "service.http.uvicorn_glue:GuardedProtocol"
     )
     Server.handle_exit = _handle_exit
-    memory.fix_mmap_threshold()
+    linux.fix_mmap_threshold()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -40,6 +40,7 @@ def test_bentoml_is_within_the_pinned_minor_release():
 def test_bentomls_container_still_provides_the_home_and_the_metrics_client():
     assert bentoml_glue.bentoml_home()
     assert hasattr(bentoml_glue.metrics_client(), "Counter")
+    assert bentoml_glue.in_worker() is False  # a test process is not a worker of bentoml serve
 
 
 def test_bentoml_still_looks_its_timeout_middleware_up_when_it_builds_an_app():

@@ -94,6 +94,7 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
         while (state := httpx.get(url + "/model_info").json()["batcher"])["queued_requests"] == 0:
             # until it waits in the queue; then the client goes away
             assert time.monotonic() < deadline and not big.done(), f"the small request never queued: {state}"
+        time.sleep(1.5)  # a client that gave up waiting, not one that half-closed as it sent (HALF_CLOSE_GRACE_S)
     assert big.result().status_code == 200
     after = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
     assert after == before + 1
@@ -145,23 +146,6 @@ def test_a_header_value_that_never_ends_gets_431(small_server):
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 431 ")
-
-
-def test_past_the_connection_cap_a_new_connection_gets_503_and_retry_after(small_server):
-    held = [socket.create_connection(("127.0.0.1", small_server.port)) for _ in range(8)]  # the worker's cap
-    try:
-        answers = [
-            raw_exchange(small_server.port, f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            for p in ("/readyz", "/livez")
-        ]
-    finally:
-        for sock in held:
-            sock.close()
-    readyz, livez = answers
-    assert readyz.startswith(b"HTTP/1.1 503 ")
-    assert b"retry-after: 1" in readyz.lower() and b"overloaded" in readyz
-    assert livez.startswith(b"HTTP/1.1 200 ")  # alive, only busy: a liveness probe must not restart it
-    assert httpx.get(small_server.url + "/readyz").status_code == 200  # below the cap again
 
 
 def test_declared_lengths_hold_no_memory(small_server):

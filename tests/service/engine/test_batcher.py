@@ -129,7 +129,7 @@ def test_batching_off_runs_each_request_alone(make_batcher, digits):
     assert batcher.counters.batches == 16 and batcher.counters.queued > 0
 
 
-def test_a_dead_work_process_is_replaced(make_batcher, digits):
+def test_a_process_that_died_idle_is_replaced_and_the_next_request_waits_for_it(make_batcher, digits):
     batcher = make_batcher()
     files, labels = digits
     victim = batcher.processes[0].proc
@@ -137,16 +137,35 @@ def test_a_dead_work_process_is_replaced(make_batcher, digits):
     async def scenario():
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        with pytest.raises(RequestError) as failed:
-            await batcher.submit(InputKind.ENCODED, [files[0]], 1)
-        while not batcher.processes:  # the restart runs in a thread: wait for it, however long it takes
-            await asyncio.sleep(0.05)
-        return failed.value, await batcher.submit(InputKind.ENCODED, [files[1]], 1)
+        return await batcher.submit(InputKind.ENCODED, [files[1]], 1)  # waits for the replacement: no 503
 
-    failed, answer = asyncio.run(scenario())
-    assert failed.status == 503 and "restarted" in failed.message
-    assert batcher.counters.restarts == 1 and batcher.processes[0].proc.pid != victim.pid
+    answer = asyncio.run(scenario())
     assert int(answer.log_probs.argmax()) == labels[1]
+    assert batcher.counters.restarts == 1 and batcher.processes[0].proc.pid != victim.pid
+
+
+def test_a_crash_costs_only_its_batch(make_batcher, digits):
+    """The requests that queue behind a batch whose process dies are answered by the replacement."""
+    batcher = make_batcher()
+    files, labels = digits
+    victim = batcher.processes[0].proc
+
+    async def scenario():
+        doomed = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, [big_png(5000)] * 2, 2))
+        while batcher.state()["busy_processes"] == 0:
+            await asyncio.sleep(0.01)
+        behind = [asyncio.ensure_future(batcher.submit(InputKind.ENCODED, [files[i]], 1)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        after = await asyncio.gather(*behind, batcher.submit(InputKind.ENCODED, [files[4]], 1))
+        with pytest.raises(RequestError) as failed:
+            await doomed
+        return failed.value, after
+
+    failed, after = asyncio.run(scenario())
+    assert failed.status == 503 and "restarted" in failed.message
+    assert [int(a.log_probs.argmax()) for a in after] == labels[:5]
+    assert batcher.counters.restarts == 1
 
 
 def test_pixel_arrays_and_json_take_the_same_path(make_batcher, mnist_test):

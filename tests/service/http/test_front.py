@@ -193,6 +193,40 @@ def test_bodies_held_in_memory_are_capped_per_worker():
     assert app.inflight_bytes == 0  # both released
 
 
+def test_large_bodies_held_open_leave_room_for_small_ones(monkeypatch):
+    from service.http import front as front_module
+
+    monkeypatch.setattr(front_module, "SMALL_BODY", 100)
+    app = front(max_inflight_bytes=8000)  # large bodies may hold 7000 of it; the last 1000 are for small ones
+
+    async def scenario():
+        release = asyncio.Event()
+        parts = [{"type": "http.request", "body": b"x" * 6900, "more_body": True}]
+
+        async def stalling():  # a large upload stalled short of its end
+            if parts:
+                return parts.pop(0)
+            await release.wait()
+            return {"type": "http.disconnect"}
+
+        async def ignore(message):
+            pass
+
+        headers = [JSON_H, (b"content-length", b"10000")]
+        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": headers}
+        stalled = asyncio.ensure_future(app(scope, stalling, ignore))
+        await asyncio.sleep(0.01)
+        large = await call(app, "POST", "/predict_array", b"y" * 200, [JSON, ("content-length", "200")])
+        small = await call(app, "POST", "/predict_array", b'{"images": []}', [JSON])
+        release.set()
+        await stalled
+        return large, small
+
+    large, small = asyncio.run(scenario())
+    assert large.status == 503 and "would pass 7000 bytes" in large.json()["error"]
+    assert small.status == 400 and "no images" in small.json()["error"]  # through to the engine, not refused
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408():
     app = front(body_timeout_s=0.05)
 

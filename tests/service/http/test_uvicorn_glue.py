@@ -22,7 +22,14 @@ class Transport(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.eof_written = False
         self.protocol = None
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.eof_written = True
 
     def write(self, data):
         if not self.closed:
@@ -58,6 +65,13 @@ class Transport(asyncio.Transport):
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    if scope["path"] == "/early":  # answers before reading the body, and asks to close (as a 413 does)
+        headers = [(b"content-length", b"5"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": b"early"})
+        return
+    if scope["path"] == "/hold":
+        await asyncio.sleep(3600)
     body = b""
     while True:
         message = await receive()
@@ -70,11 +84,14 @@ async def app(scope, receive, send):
 
 
 @pytest.fixture
-def settings():
+def settings(monkeypatch):
     previous = GuardedProtocol.settings
     GuardedProtocol.settings = ServiceConfig(header_timeout_s=0.05, max_connections=2, keep_alive_s=3)
+    monkeypatch.setattr(uvicorn_glue, "LINGER_S", 0.1)
+    uvicorn_glue.WAITING.clear()
     yield GuardedProtocol.settings
     GuardedProtocol.settings = previous
+    uvicorn_glue.WAITING.clear()
 
 
 async def _connect(connections: set | None = None) -> tuple[GuardedProtocol, Transport]:
@@ -113,7 +130,7 @@ def test_a_plain_request_goes_through(settings):
 def test_a_head_over_the_size_bound_is_431(settings):
     url = b"/" + b"x" * MAX_HEAD_BYTES
     transport = _exchange(b"GET " + url + b" HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert transport.status() == 431 and transport.closed
+    assert transport.status() == 431 and transport.eof_written  # answered, then lingering
 
 
 def test_a_header_value_that_never_ends_is_431(settings):
@@ -158,9 +175,85 @@ def test_past_the_connection_cap_a_request_gets_503_but_liveness_stays_200(setti
     assert live.status() == 200
 
 
-def test_twice_past_the_cap_a_connection_is_closed_unanswered(settings):
+def test_twice_past_the_cap_with_every_socket_busy_a_new_one_is_closed_unanswered(settings):
     transport = _exchange(connections={object() for _ in range(5)})
     assert transport.closed and transport.written == b""
+
+
+def test_a_new_connection_sheds_the_socket_that_waited_longest(settings):
+    GuardedProtocol.settings = ServiceConfig(header_timeout_s=10, max_connections=2)
+
+    async def scenario():
+        shared: set = set()
+        idle = [await _connect(shared) for _ in range(4)]  # twice the cap, none has sent a byte
+        newcomer, transport = await _connect(shared)
+        newcomer.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.01)
+        return [t.closed for _, t in idle], transport
+
+    closed, transport = asyncio.run(scenario())
+    assert closed == [True, False, False, False]  # the oldest went, the others stay
+    assert transport.status() == 200
+
+
+def test_only_requests_in_progress_count_against_the_cap(settings):
+    GuardedProtocol.settings = ServiceConfig(header_timeout_s=10, max_connections=2)  # the idle ones stay
+
+    async def scenario():
+        shared: set = set()
+        waiting = [await _connect(shared) for _ in range(3)]  # idle sockets: not counted
+        answers = []
+        for _ in range(3):  # two held requests fill the cap of 2; the third is refused
+            protocol, transport = await _connect(shared)
+            protocol.data_received(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")
+            await asyncio.sleep(0.01)
+            answers.append(transport)
+        statuses = [t.status() for t in answers]
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return waiting, statuses, bytes(answers[2].written)
+
+    waiting, statuses, refused = asyncio.run(scenario())
+    assert statuses == [0, 0, 503]
+    assert b"requests in progress" in refused
+
+
+def test_an_early_answer_lingers_so_that_the_client_reads_it(settings):
+    async def scenario():
+        protocol, transport = await _connect()
+        protocol.data_received(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        await asyncio.sleep(0.01)
+        answered = bytes(transport.written)
+        still_open, eof = not transport.closed, transport.eof_written
+        protocol.data_received(b"y" * 50_000)  # the rest of the body: read and dropped, not parsed
+        await asyncio.sleep(0.2)  # past LINGER_S
+        return answered, still_open, eof, transport
+
+    answered, still_open, eof, transport = asyncio.run(scenario())
+    assert answered.startswith(b"HTTP/1.1 413") and answered.endswith(b"early")
+    assert still_open and eof  # half-closed after the answer: the client reads it, its writes still land
+    assert transport.written == answered and transport.closed  # nothing more answered; closed after lingering
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(settings):
+    async def scenario():
+        protocol, transport = await _connect()
+        protocol.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+        keep_open = protocol.eof_received()  # nc -N, shutdown(SHUT_WR)
+        await asyncio.sleep(0.02)
+        return keep_open, transport
+
+    keep_open, transport = asyncio.run(scenario())
+    assert keep_open is True
+    assert transport.status() == 200 and transport.written.endswith(b"ok 3") and transport.closed
+
+
+def test_a_half_close_with_nothing_in_progress_closes(settings):
+    async def scenario():
+        protocol, _ = await _connect()
+        return protocol.eof_received()
+
+    assert not asyncio.run(scenario())
 
 
 def test_websocket_upgrades_are_answered_as_plain_http(settings):
@@ -178,3 +271,12 @@ def test_install_makes_uvicorn_use_the_guarded_protocol():
     uvicorn_glue.install(ServiceConfig())
     assert uvicorn.config.HTTP_PROTOCOLS["auto"] == "service.http.uvicorn_glue:GuardedProtocol"
     assert Server.handle_exit is uvicorn_glue._handle_exit
+
+
+def test_a_half_close_in_the_middle_of_a_body_closes(settings):
+    async def scenario():
+        protocol, _ = await _connect()
+        protocol.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 30\r\n\r\nabc")
+        return protocol.eof_received()  # the body can now never be whole: nothing to answer
+
+    assert not asyncio.run(scenario())

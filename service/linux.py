@@ -1,4 +1,5 @@
-"""Give memory back after large requests (glibc only; elsewhere these do nothing).
+"""What the service asks of Linux and glibc directly (elsewhere these do nothing): giving memory back after
+large requests, and a signal when the parent process dies.
 
 glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), so after one large
 body every later one is carved from the heap, and a heap fragmented by a burst of them is kept: 100 stalled
@@ -25,6 +26,18 @@ except (OSError, AttributeError):
 def fix_mmap_threshold() -> None:
     if _libc is not None:
         _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def on_parent_death(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies, however it dies (kill -9 included):
+    a work process is killed with its HTTP worker, an HTTP worker drains when ``bentoml serve`` is gone."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        pass
 
 
 def release() -> None:
