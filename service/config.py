@@ -112,13 +112,15 @@ class ServiceConfig:
     max_connections: int = setting(
         "MNIST_MAX_CONNECTIONS",
         2048,
-        "open connections per worker; past it a new connection gets 503 with Retry-After and is closed",
+        "requests in progress per worker; past it a request gets 503 with Retry-After. Idle sockets do not count: "
+        "past twice this many sockets, a new one sheds the one that has waited longest",
         status=503,
     )
     max_inflight_bytes: int = setting(
         "MNIST_MAX_INFLIGHT_BYTES",
         256 * MiB,
-        "request bodies held in memory per worker at once; a body that would pass it gets 503 with Retry-After",
+        "request bodies held in memory per worker at once; a body that would pass it gets 503 with Retry-After. "
+        "Bodies over 1 MiB may fill 7/8 of it: the rest is kept for small ones",
         status=503,
     )
     retry_after_s: int = setting("MNIST_RETRY_AFTER_S", 1, "the Retry-After of every 503")

@@ -2,10 +2,9 @@
 large requests, and a signal when the parent process dies.
 
 glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), so after one large
-body every later one is carved from the heap, and a heap fragmented by a burst of them is kept: 100 stalled
-near-limit uploads left each worker 13-43% above its baseline RSS a minute later. A fixed threshold keeps
-large buffers in their own mappings, returned the moment they are freed, and ``release()`` hands back the
-free pages left inside the heap.
+body every later one is carved from the heap, and a heap fragmented by a burst of them is kept
+(docs/performance.md). A fixed threshold keeps large buffers in their own mappings, returned the moment they
+are freed, and ``release()`` hands back the free pages left inside the heap.
 """
 
 from __future__ import annotations

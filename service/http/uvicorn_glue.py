@@ -61,7 +61,7 @@ LINGER_BYTES = 64 * 1024 * 1024
 # TCP cannot tell a client that half-closed after its request (shutdown(SHUT_WR), `nc -N`) from one that closed
 # and left: both send FIN. One whose FIN comes with its request, or within this, is answered; a FIN that comes
 # later, while the request waits, means a client that gave up, and its queued work is dropped.
-HALF_CLOSE_GRACE_S = 1.0
+HALF_CLOSE_GRACE_S = 0.25
 
 
 class HeadTooLarge(Exception):

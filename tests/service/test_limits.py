@@ -81,9 +81,10 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
     url = small_server.url
     files = [("images", (f"{i}.png", big_png(side), "image/png")) for i, side in enumerate((5000, 5000, 3700))]
     before = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
-    big = ThreadPoolExecutor(1).submit(httpx.post, url + "/predict", files=files, timeout=300)
-    while httpx.get(url + "/model_info").json()["batcher"]["busy_processes"] == 0:  # until the big one runs
-        assert not big.done(), big.result().text
+    pool = ThreadPoolExecutor(4)
+    bigs = [pool.submit(httpx.post, url + "/predict", files=files, timeout=300) for _ in range(4)]  # one at a time
+    while httpx.get(url + "/model_info").json()["batcher"]["busy_processes"] == 0:  # until the first one runs
+        assert not any(big.done() for big in bigs)
     body, content_type = multipart_body(BOOK_IMAGE.read_bytes())
     with socket.create_connection(("127.0.0.1", small_server.port)) as sock:
         sock.sendall(
@@ -91,11 +92,12 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
             % (content_type.encode(), len(body), body)
         )
         deadline = time.monotonic() + 60
-        while (state := httpx.get(url + "/model_info").json()["batcher"])["queued_requests"] == 0:
-            # until it waits in the queue; then the client goes away
-            assert time.monotonic() < deadline and not big.done(), f"the small request never queued: {state}"
-        time.sleep(1.5)  # a client that gave up waiting, not one that half-closed as it sent (HALF_CLOSE_GRACE_S)
-    assert big.result().status_code == 200
+        while (state := httpx.get(url + "/model_info").json()["batcher"])["queued_requests"] < 4:
+            # until it waits in the queue behind the big ones; then the client goes away
+            assert time.monotonic() < deadline, f"the small request never queued: {state}"
+        time.sleep(0.3)  # a client that gave up waiting, not one that half-closed as it sent (HALF_CLOSE_GRACE_S)
+        assert httpx.get(url + "/model_info").json()["batcher"]["queued_requests"] >= 2  # still waiting
+    assert [big.result().status_code for big in bigs] == [200] * 4
     after = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
     assert after == before + 1
 
