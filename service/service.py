@@ -25,6 +25,7 @@ from service.engine.process import WorkerFailed
 from service.http import uvicorn_glue
 from service.http.front import FrontedService
 from service.model.files import REEXPORT, ModelFileError, read_manifest
+from service.observe import access
 from service.observe.metrics import metrics
 from service.observe.tracing import Tracing, exporters_named
 from service.protocols import ROUTES
@@ -109,8 +110,10 @@ class MNISTClassifier:
             sys.exit(f"error: model {tag}: {exc}")
 
     def __init__(self) -> None:
-        if bentoml_glue.in_worker():  # drain and exit when `bentoml serve` is gone, even killed with -9
-            linux.on_parent_death(signal.SIGTERM)
+        self.access_log = None
+        if bentoml_glue.in_worker():
+            linux.on_parent_death(signal.SIGTERM)  # drain and exit when `bentoml serve` is gone, even killed with -9
+            self.access_log = access.install()
         try:
             engine = start_batcher(Path(self.model.path), MANIFEST, CONFIG, metrics(CONFIG.max_batch_size))
         except WorkerFailed as exc:
@@ -130,6 +133,8 @@ class MNISTClassifier:
     @bentoml.on_shutdown
     def stop(self) -> None:
         self.core.close()
+        if self.access_log is not None:
+            self.access_log.flush()
         if self.core.tracing is not None:
             self.core.tracing.shutdown()
 
