@@ -41,6 +41,29 @@ LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give t
 log = logging.getLogger("service.work")
 
 
+def model_input(
+    kind: InputKind, payload, limits, mean: float, std: float, declared: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from,
+    whether the payload itself asks for those images back: a JSON body's ``"return_input": true``)."""
+    from service.inputs import decode
+    from service.inputs.preprocess import normalize
+
+    asked = False
+    if kind is InputKind.NORMALIZED:
+        return decode.checked_network_input(payload, limits), None, False
+    if kind is InputKind.ENCODED:
+        images = decode.encoded_to_mnist(payload, limits, declared)
+    elif kind is InputKind.JSON:
+        pixels, asked = decode.json_images(payload)
+        images = decode.pixels_to_mnist(pixels, limits)
+    elif kind is InputKind.PIXELS:
+        images = decode.pixels_to_mnist(payload, limits)
+    else:
+        raise ValueError(f"unknown input kind {kind!r}")
+    return normalize(images, mean, std), images, asked
+
+
 class Work:
     """The model and the settings a work process needs, loaded once."""
 
@@ -65,7 +88,7 @@ class Work:
         would teach the batcher a price that refuses the first burst after start-up (docs/performance.md)."""
         from PIL import Image
 
-        from service.inputs.decode import Counts, model_input
+        from service.inputs.decode import Counts
 
         stroke = Image.new("L", (28, 28))
         stroke.paste(255, (12, 5, 16, 23))
@@ -113,7 +136,6 @@ class Work:
     def _prepare(self, job: Job):
         """(the model's input, the 28x28 images if asked for), or the RequestError the request ends in."""
         from service.errors import RequestError
-        from service.inputs.decode import model_input
 
         try:
             x, seen, asked = model_input(job.kind, job.payload, self.limits, self.mean, self.std, job.declared)

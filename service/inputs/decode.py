@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 
-from service.engine.messages import InputKind
 from service.errors import RequestError, bad_request, parsed_json, too_large
 from service.inputs.preprocess import (
     MNIST_SIDE,
@@ -19,7 +18,6 @@ from service.inputs.preprocess import (
     OverBudget,
     load_image,
     mnist_style,
-    normalize,
     open_image,
     to_gray,
 )
@@ -33,29 +31,13 @@ class Counts:
     decoded_pixels = 0
 
 
-def model_input(
-    kind: InputKind, payload, limits, mean: float, std: float, declared: tuple[int, ...] | None = None
-) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    """One request's payload -> (the model's input [N, 1, 28, 28], the 28x28 images in 0..1 it was made from,
-    whether the payload itself asks for those images back: a JSON body's ``"return_input": true``).
-    NORMALIZED is already the model's input (the Open Inference Protocol's raw network): checked, not changed."""
-    if kind is InputKind.NORMALIZED:
-        check_count(len(payload), limits)
-        if not np.isfinite(payload).all():
-            i = int(np.argwhere(~np.isfinite(payload))[0][0])
-            raise _bad(f"images[{i}] holds NaN or infinite values; the network's input must be finite")
-        return payload, None, False
-    asked = False
-    if kind is InputKind.ENCODED:
-        images = encoded_to_mnist(payload, limits, declared)
-    elif kind is InputKind.JSON:
-        pixels, asked = json_images(payload)
-        images = pixels_to_mnist(pixels, limits)
-    elif kind is InputKind.PIXELS:
-        images = pixels_to_mnist(payload, limits)
-    else:
-        raise ValueError(f"unknown input kind {kind!r}")
-    return normalize(images, mean, std), images, asked
+def checked_network_input(payload: np.ndarray, limits) -> np.ndarray:
+    """The network's own input [N, 1, 28, 28] (the Open Inference Protocol's raw network): checked, not changed."""
+    check_count(len(payload), limits)
+    if not np.isfinite(payload).all():
+        i = int(np.argwhere(~np.isfinite(payload))[0][0])
+        raise _bad(f"images[{i}] holds NaN or infinite values; the network's input must be finite")
+    return payload
 
 
 def check_count(n: int, limits) -> None:

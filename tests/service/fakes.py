@@ -15,7 +15,7 @@ import numpy as np
 from service.config import ServiceConfig
 from service.core import Core
 from service.engine.messages import Done, InputKind, RuntimeInfo
-from service.inputs.decode import model_input
+from service.engine.work import model_input
 from service.inputs.image_size import declared_pixels
 
 MANIFEST = {

@@ -10,8 +10,9 @@ from PIL import Image
 
 from service.config import ServiceConfig
 from service.engine.messages import InputKind
+from service.engine.work import model_input
 from service.errors import RequestError
-from service.inputs.decode import Counts, check_count, encoded_to_mnist, json_images, model_input, pixels_to_mnist
+from service.inputs.decode import Counts, check_count, encoded_to_mnist, json_images, pixels_to_mnist
 from service.inputs.preprocess import DIGIT_BOX, MNIST_SIDE, is_mnist_format
 from training.data import Normalization
 
