@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -161,29 +162,38 @@ def test_a_body_over_the_limit_without_a_content_length_is_413():
     assert answer.headers["connection"] == "close"  # the rest of an unread body is not worth reading
 
 
+@contextlib.asynccontextmanager
+async def stalled_upload(app, sent: bytes, headers=()):
+    """An upload that has sent ``sent`` of its body and stalls until the block ends (then its client leaves)."""
+    release = asyncio.Event()
+    parts = [{"type": "http.request", "body": sent, "more_body": True}]
+
+    async def stalling():
+        if parts:
+            return parts.pop(0)
+        await release.wait()
+        return {"type": "http.disconnect"}
+
+    async def ignore(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
+    stalled = asyncio.ensure_future(app({**scope, "headers": [JSON_H, *headers]}, stalling, ignore))
+    await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        release.set()
+        await stalled
+
+
 def test_bodies_held_in_memory_are_capped_per_worker():
     app = front(max_inflight_bytes=1000)
 
     async def scenario():
-        release = asyncio.Event()
-        parts = [{"type": "http.request", "body": b"x" * 900, "more_body": True}]
-
-        async def stalling():  # sent 900 bytes of its body, then stalls until the test lets it go
-            if parts:
-                return parts.pop(0)
-            await release.wait()
-            return {"type": "http.disconnect"}
-
-        async def ignore(message):
-            pass
-
-        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
-        stalled = asyncio.ensure_future(app(scope, stalling, ignore))
-        await asyncio.sleep(0.01)
-        held = app.inflight_bytes
-        second = await call(app, "POST", "/predict_array", b"y" * 200, [JSON])
-        release.set()
-        await stalled
+        async with stalled_upload(app, b"x" * 900):
+            held = app.inflight_bytes
+            second = await call(app, "POST", "/predict_array", b"y" * 200, [JSON])
         return held, second
 
     held, second = asyncio.run(scenario())
@@ -200,26 +210,9 @@ def test_large_bodies_held_open_leave_room_for_small_ones(monkeypatch):
     app = front(max_inflight_bytes=8000)  # large bodies may hold 7000 of it; the last 1000 are for small ones
 
     async def scenario():
-        release = asyncio.Event()
-        parts = [{"type": "http.request", "body": b"x" * 6900, "more_body": True}]
-
-        async def stalling():  # a large upload stalled short of its end
-            if parts:
-                return parts.pop(0)
-            await release.wait()
-            return {"type": "http.disconnect"}
-
-        async def ignore(message):
-            pass
-
-        headers = [JSON_H, (b"content-length", b"10000")]
-        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": headers}
-        stalled = asyncio.ensure_future(app(scope, stalling, ignore))
-        await asyncio.sleep(0.01)
-        large = await call(app, "POST", "/predict_array", b"y" * 200, [JSON, ("content-length", "200")])
-        small = await call(app, "POST", "/predict_array", b'{"images": []}', [JSON])
-        release.set()
-        await stalled
+        async with stalled_upload(app, b"x" * 6900, [(b"content-length", b"10000")]):
+            large = await call(app, "POST", "/predict_array", b"y" * 200, [JSON, ("content-length", "200")])
+            small = await call(app, "POST", "/predict_array", b'{"images": []}', [JSON])
         return large, small
 
     large, small = asyncio.run(scenario())
