@@ -22,10 +22,18 @@ class ConfigError(ValueError):
 
 
 def setting(
-    env: str, default, why: str, status: int | None = None, minimum: float = 1, choices: tuple = (), secret=False
+    env: str,
+    default,
+    why: str,
+    status: int | None = None,
+    minimum: float = 1,
+    choices: tuple = (),
+    secret=False,
+    maximum: float | None = None,
 ):
     """A dataclass field read from ``env``; ``status`` is what a request gets for crossing it (limits only)."""
     meta = {"env": env, "why": why, "status": status, "minimum": minimum, "choices": choices, "secret": secret}
+    meta["maximum"] = maximum
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -39,14 +47,18 @@ class ServiceConfig:
         "MNIST_RUNTIME", "onnx", "ONNX Runtime needs no torch; torchscript runs on CUDA", choices=RUNTIMES
     )
     # ---- processes ----
-    workers: int = setting("MNIST_WORKERS", 2, "HTTP worker processes (BentoML workers), one per core")
+    workers: int = setting("MNIST_WORKERS", 2, "HTTP worker processes (BentoML workers), one per core", maximum=256)
     work_procs: int = setting(
         "MNIST_WORK_PROCS",
         1,
         "processes per worker that decode, preprocess and run the model, off the worker's event loop",
+        maximum=64,
     )
     threads_per_worker: int = setting(
-        "MNIST_THREADS", 1, "intra-op threads of each model session, so that processes do not oversubscribe cores"
+        "MNIST_THREADS",
+        1,
+        "intra-op threads of each model session, so that processes do not oversubscribe cores",
+        maximum=256,
     )
     # ---- batching ----
     batching: bool = setting(
@@ -120,7 +132,7 @@ class ServiceConfig:
         "MNIST_MAX_INFLIGHT_BYTES",
         256 * MiB,
         "request bodies held in memory per worker at once; a body that would pass it gets 503 with Retry-After. "
-        "Bodies over 1 MiB may fill 7/8 of it: the rest is kept for small ones",
+        "Bodies over 64 KiB may fill 7/8 of it: the rest is kept for small ones",
         status=503,
     )
     retry_after_s: int = setting("MNIST_RETRY_AFTER_S", 1, "the Retry-After of every 503")
@@ -200,6 +212,8 @@ def _parse(f: dataclasses.Field, raw: str):
         raise ConfigError(f"{env} must be a finite number, got {raw!r}")
     if kind is float and value > MAX_SECONDS:  # every float setting is a time; the event loop's timers overflow
         raise ConfigError(f"{env} must be at most {MAX_SECONDS:g} (seconds), got {raw}")
+    if f.metadata["maximum"] is not None and value > f.metadata["maximum"]:
+        raise ConfigError(f"{env} must be at most {f.metadata['maximum']:g}, got {raw}")
     if value < minimum:
         raise ConfigError(f"{env} must be at least {minimum:g}, got {raw}")
     return bool(value) if kind is bool else value

@@ -29,6 +29,7 @@ from service.inputs.image_size import declared_pixels
 
 log = logging.getLogger("service.engine")
 MNIST_PIXELS = 28 * 28  # what an array input costs, against the pixels an image file declares
+START_TRIES = 3  # failed starts of a replacement before requests stop waiting for it
 IMAGE_UNITS = 65_536  # an image's fixed cost in pixel units: 0.12 ms, at the 2 ns a pixel of a large PNG
 
 
@@ -265,23 +266,28 @@ class Batcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _restart(self, dead: WorkProcess) -> None:
-        delay = 0.5
+        """Start a replacement; on failure try again at once, then after 0.5 s, 1 s, ... up to 30 s. Requests
+        wait for it through the first START_TRIES failures (a replacement killed while it starts, say); past
+        them, the queue and new requests are refused until a process is up."""
+        delay, failures = 0.0, 0
         try:
             await asyncio.to_thread(dead.proc.wait)  # reaped (it was killed), so that no zombie is left
             while not self.closing:
                 try:
                     process = await asyncio.to_thread(self.start)
                 except (WorkerFailed, OSError) as exc:  # OSError: no process could be made (file descriptors, ...)
-                    log.error("restarting a work process failed (%s); next try in %.0f s", exc, delay)
-                    self.start_failed = True
-                    if not self.processes:  # nobody left to run the queue, and no replacement soon: refuse it
-                        error = RequestError(
-                            503, "unavailable", "no work process could be started; retry", self.config.retry_after_s
-                        )
-                        self._fail(list(self.queue), error)
-                        self.queue.clear()
+                    failures += 1
+                    log.error("restarting a work process failed (%s); next try in %.1f s", exc, delay)
+                    if failures >= START_TRIES:
+                        self.start_failed = True
+                        if not self.processes:  # nobody left to run the queue, and no replacement soon: refuse it
+                            error = RequestError(
+                                503, "unavailable", "no work process could be started; retry", self.config.retry_after_s
+                            )
+                            self._fail(list(self.queue), error)
+                            self.queue.clear()
                     await asyncio.sleep(delay)
-                    delay = min(2 * delay, 30)
+                    delay = min(max(2 * delay, 0.5), 30)
                     continue
                 if self.closing:
                     process.close()

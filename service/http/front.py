@@ -28,7 +28,8 @@ from service.observe.metrics import metrics
 log = logging.getLogger("service.http")
 JSON = b"application/json"
 RELEASE_DELAY_S = 1.0
-SMALL_BODY = 1024 * 1024  # a body this large or smaller (declared or so far) may use the in-flight cap's reserve
+BODY_STALL_S = 5.0  # a body of which nothing arrives for this long is refused (408) and its memory let go
+SMALL_BODY = 64 * 1024  # a body this large or smaller (declared or so far) may use the in-flight cap's reserve
 SMALL_BODY_SHARE = 8  # the reserve: 1/8 of MNIST_MAX_INFLIGHT_BYTES (32 MiB of 256), for small bodies only
 BENTOML_PATHS = frozenset({"/docs.json", "/schema.json", "/metrics"})  # what BentoML's app serves for us
 BENTOML_PREFIXES = ("/static_content/",)  # ... and the files of the API page
@@ -114,9 +115,12 @@ class Request:
             if int(declared) > config.max_request_bytes:
                 raise too_large(f"request body is {int(declared)} bytes; the limit is {config.max_request_bytes}")
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.body_timeout_s
         try:
-            async with asyncio.timeout(config.body_timeout_s):
+            async with asyncio.timeout(None) as timer:
                 while True:
+                    timer.reschedule(min(deadline, loop.time() + BODY_STALL_S))  # each piece buys BODY_STALL_S
                     message = await self._receive()
                     if message["type"] == "http.disconnect":
                         raise ClientGone()
@@ -130,9 +134,11 @@ class Request:
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            raise RequestError(
-                408, "timeout", f"the request body did not arrive within {config.body_timeout_s:g} s"
-            ) from None
+            if loop.time() < deadline:
+                message = f"the request body stalled: nothing of it arrived for {BODY_STALL_S:g} s"
+            else:
+                message = f"the request body did not arrive within {config.body_timeout_s:g} s"
+            raise RequestError(408, "timeout", message) from None
         self.unread_body = False
         self._watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(asyncio.current_task()))
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)

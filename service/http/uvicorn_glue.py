@@ -13,7 +13,8 @@ httptools protocol as uvicorn's default (the worker builds its config after impo
   not count; past twice the cap in sockets, a new connection sheds the one that has waited longest, so idle or
   slow sockets can never crowd out a client that sends whole requests;
 - a lingering close (nginx's): an answer sent before the request's body was read is followed by a half-close
-  and the rest of the body read and dropped (at most ``LINGER_S``, ``LINGER_BYTES``), so that a client that
+  and the rest of the body read and dropped (nginx's bounds: at most ``LINGER_S`` in all and ``LINGER_IDLE_S``
+  between reads; and at most ``LINGER_BYTES``), so that a client that
   writes its whole request before reading gets the answer rather than a reset; and a client that half-closes
   after a complete request still gets its answer;
 - the keep-alive timeout (``MNIST_KEEP_ALIVE_S``);
@@ -41,6 +42,7 @@ from uvicorn.server import Server
 
 from service import linux
 from service.core import LIFECYCLE
+from service.observe import access
 
 log = logging.getLogger("service.http")
 WRITTEN_AGAINST = "0.54.0"
@@ -54,10 +56,15 @@ MAX_HEAD_BYTES = 64 * 1024  # URL and headers of one request (browsers send a fe
 # a 32 MiB body cost millions of callbacks on the event loop.
 FREE_BODY_PIECES = 1024
 MIN_BODY_PIECE = 256
+# Whatever arrives that is not body (request lines, headers, trailers, chunk-size lines and their extensions,
+# pipelined heads) is bounded per connection: MAX_HEAD_BYTES per request begun, plus CHUNK_FRAMING per body
+# piece. httptools buffers an unfinished line by appending to it, so an endless one costs quadratic time.
+CHUNK_FRAMING = 32
 
 
-LINGER_S = 5.0
-LINGER_BYTES = 64 * 1024 * 1024
+LINGER_S = 30.0
+LINGER_IDLE_S = 5.0
+LINGER_BYTES = 1024 * 1024 * 1024
 # TCP cannot tell a client that half-closed after its request (shutdown(SHUT_WR), `nc -N`) from one that closed
 # and left: both send FIN. One whose FIN comes with its request, or within this, is answered; a FIN that comes
 # later, while the request waits, means a client that gave up, and its queued work is dropped.
@@ -72,8 +79,12 @@ class BodyInTinyPieces(Exception):
     pass
 
 
-# This worker's connections that wait (no request in progress), oldest first: the ones to shed for a newcomer.
-WAITING: dict[GuardedProtocol, None] = {}
+# This worker's connections without a whole request to answer, oldest first in each: the ones a newcomer may
+# shed, in this order. They never count against the cap on requests in progress.
+SILENT: dict[GuardedProtocol, None] = {}  # connected, not a byte sent yet
+WAITING: dict[GuardedProtocol, None] = {}  # a head on its way, kept alive between requests, or lingering
+SLOW_BODY: dict[GuardedProtocol, None] = {}  # a head complete, its body still arriving
+SHED_ORDER = (SILENT, WAITING, SLOW_BODY)
 
 
 class _Transport:
@@ -106,6 +117,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._message_done = True  # the current request's body has been read to its end (or there is none)
         self._lingering = False
         self._lingered = 0
+        self._linger_until = self._last_lingered = 0.0
         self._peer_done = False  # the client half-closed after its request
         self._message_done_at = 0.0
         self._head_bytes = 0
@@ -114,25 +126,29 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_too_large = False
         self._body_pieces = self._body_bytes = 0
         self._tiny_pieces = False
+        self._wire = self._not_framing = 0  # bytes received on this connection; of them, body bytes
+        self._framing_allowed = MAX_HEAD_BYTES  # grows with every request begun and every body piece
 
     def connection_made(self, transport) -> None:
         self._raw = transport
         super().connection_made(_Transport(transport, self))
         if len(self.connections) > 2 * self.settings.max_connections:  # keep the file descriptors for real clients
-            if not WAITING:
+            sheddable = next((group for group in SHED_ORDER if group), None)
+            if sheddable is None:
                 transport.abort()  # every socket has a request in progress: this one waits its turn elsewhere
                 self.connections.discard(self)
                 return
-            oldest = next(iter(WAITING))
-            del WAITING[oldest]
+            oldest = next(iter(sheddable))
+            del sheddable[oldest]
             self.connections.discard(oldest)  # gone now, though uvicorn hears of it on the loop's next turn
             oldest._raw.abort()
-        WAITING[self] = None
+        SILENT[self] = None
         self._arm_head_timer()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
-        WAITING.pop(self, None)
+        for group in SHED_ORDER:
+            group.pop(self, None)
         super().connection_lost(exc)
 
     def eof_received(self) -> bool:
@@ -159,39 +175,72 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:  # the app still waits for the body: it
             self.cycle.disconnected = True  # gets a disconnect now, and uvicorn drops whatever it would still send
             self.cycle.message_event.set()
+        SLOW_BODY.pop(self, None)
         WAITING[self] = None  # sheddable like any socket without a request in progress
         raw.write_eof()  # the answer, then our end of the stream: the client reads the answer to its end
         raw.resume_reading()
-        self.loop.call_later(LINGER_S, raw.close)
+        self._linger_until = self.loop.time() + LINGER_S
+        self._last_lingered = self.loop.time()
+        self.loop.call_later(min(LINGER_IDLE_S, LINGER_S), self._linger_check)
+
+    def _linger_check(self) -> None:
+        now = self.loop.time()
+        if self._raw.is_closing():
+            return
+        idle_until = self._last_lingered + LINGER_IDLE_S
+        if now >= self._linger_until or now >= idle_until:
+            self._raw.close()
+        else:
+            self.loop.call_later(min(idle_until, self._linger_until) - now, self._linger_check)
 
     def data_received(self, data: bytes) -> None:
         """httptools hands a header over only once it is complete, so a value that never ends would not be
         counted by ``on_header``: count what arrives while the head is incomplete, too."""
         if self._lingering:  # the rest of a body nobody will read: dropped, within bounds
             self._lingered += len(data)
+            self._last_lingered = self.loop.time()
             if self._lingered > LINGER_BYTES:
                 self._raw.close()
             return
         in_head = self._in_head
+        if not self._wire and self in SILENT:  # its first bytes: a client, not a bare socket
+            del SILENT[self]
+            WAITING[self] = None
+        self._wire += len(data)
         super().data_received(data)
-        if in_head and self._in_head and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if in_head and self._in_head:
             self._raw_head_bytes += len(data)
             if self._raw_head_bytes > MAX_HEAD_BYTES:
                 self._head_too_large = True
                 self.send_400_response("")
+                return
+        if self._wire - self._not_framing > self._framing_allowed:  # trailers, chunk extensions, pipelined heads
+            self._head_too_large = True
+            cycle = self.cycle
+            ours = cycle is None or cycle.response_complete or (cycle.more_body and not cycle.response_started)
+            if ours:  # the excess is in the request that would get the answer: a 431 answers it
+                self.send_400_response("")
+            else:  # in a request pipelined behind one in progress: an answer now would be taken for that one's
+                self._raw.abort()
 
     def on_message_begin(self) -> None:
         self._head_bytes = self._body_pieces = self._body_bytes = 0
         self._message_done = False
+        self._framing_allowed += MAX_HEAD_BYTES
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
         self._message_done, self._message_done_at = True, self.loop.time()
+        SLOW_BODY.pop(self, None)  # a whole request: counted against the cap from now
         super().on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         self._body_pieces += 1
         self._body_bytes += len(body)
+        self._not_framing += len(body)
+        self._framing_allowed += CHUNK_FRAMING
         if self._body_pieces > FREE_BODY_PIECES and self._body_pieces * MIN_BODY_PIECE > self._body_bytes:
             self._tiny_pieces = True
             raise BodyInTinyPieces()  # the parser stops; uvicorn answers a parser error with send_400_response
@@ -214,7 +263,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what httptools cannot parse, as JSON like every other refusal."""
         if self._head_too_large:
-            self._answer_and_close(431, f"the request's URL and headers are over {MAX_HEAD_BYTES} bytes")
+            self._answer_and_close(431, f"the request's URL, headers or trailers are over {MAX_HEAD_BYTES} bytes")
         elif self._tiny_pieces:
             average = self._body_bytes // self._body_pieces
             self._answer_and_close(
@@ -232,8 +281,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
-        WAITING.pop(self, None)  # a request in progress: counted against the cap from now
-        self._over_cap = len(self.connections) - len(WAITING) > self.settings.max_connections
+        WAITING.pop(self, None)
+        SLOW_BODY[self] = None  # until its body is whole (at once for a request without one)
+        in_progress = len(self.connections) - len(SILENT) - len(WAITING) - len(SLOW_BODY)
+        self._over_cap = in_progress >= self.settings.max_connections
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -264,38 +315,47 @@ class GuardedProtocol(HttpToolsProtocol):
         self._answer_and_close(408, f"no complete request head within {self.settings.header_timeout_s:g} s")
 
     def _answer_and_close(self, status: int, message: str) -> None:
-        """An answer written straight to the socket: for what goes wrong before there is a request to route."""
-        body = json.dumps({"error": message}).encode()
+        """An answer written straight to the socket: for what goes wrong before there is a request to route.
+        It has a request id of its own (the head may not have been read) and its access-log line."""
+        rid = access.request_id(None)
+        body = json.dumps({"error": message, "request_id": rid}).encode()
         self.transport.write(
             STATUS_LINE[status] + b"content-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            b"x-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (rid.encode(), len(body), body)
         )
         self.transport.close()
+        if self.settings.access_log:
+            access.record("-", "-", status, 0.0, self._wire, len(body), rid)
 
 
 async def _over_capacity(scope, receive, send) -> None:
     """A request past the cap gets one answer and its connection is closed: 503, except liveness (the worker
     is alive: a probe must not restart it for being busy)."""
     settings = GuardedProtocol.settings
-    status, body = (
-        503,
-        b'{"error": "the server is overloaded: this worker has %d requests in progress; retry later"}'
-        % (settings.max_connections),
-    )
+    rid = access.request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+    message = f"the server is overloaded: this worker has {settings.max_connections} requests in progress; retry later"
+    status, answer = 503, {"error": message, "request_id": rid}
     if scope["path"] in ("/livez", "/healthz", "/v2/health/live"):
-        status, body = 200, b'{"live": true}'
+        status, answer = 200, {"live": True}
+    body = json.dumps(answer).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", str(settings.retry_after_s).encode()),
+        (b"x-request-id", rid.encode()),
         (b"connection", b"close"),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+    if settings.access_log:
+        access.record(scope["method"], scope["path"], status, 0.0, 0, len(body), rid)
 
 
 _uvicorn_handle_exit = Server.handle_exit
 LAST_REQUESTS_S = 1.0  # after the listener closes: time for the connections accepted last to send their requests
+# After the drain, requests in progress have this long to finish (uvicorn would wait for ever, for a client that
+# never reads its answers, say); a container's grace period is 30 s by default, of which the drain takes 10.
+FINISH_S = 15
 
 
 def _handle_exit(server: Server, sig: int, frame) -> None:
@@ -303,6 +363,7 @@ def _handle_exit(server: Server, sig: int, frame) -> None:
     changes nothing (a supervisor that signals every process, as systemd does, and ``bentoml serve`` passing its
     own on, send two); SIGINT exits without a drain, and a second one at once."""
     drain_s = GuardedProtocol.settings.drain_s if GuardedProtocol.settings else 0
+    server.config.timeout_graceful_shutdown = FINISH_S
     if sig == signal.SIGTERM and LIFECYCLE.draining:
         log.info("SIGTERM again: the drain goes on")
         return None

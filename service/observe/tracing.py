@@ -14,11 +14,14 @@ Settings read (OpenTelemetry's own): ``OTEL_TRACES_EXPORTER`` (``otlp``, ``conso
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
 from service.config import ConfigError
 
 DEFAULT_SERVICE_NAME = "mnist-classifier"
+SHUTDOWN_S = 2.0  # what the exporter may take at the worker's exit to send what is buffered
 HTTP_PROTOCOLS = ("http/protobuf", "")
 
 
@@ -47,6 +50,8 @@ class Tracing:
 
         self.provider = provider
         self.tracer = provider.get_tracer("mnist-serving")
+        # a client's malformed tracestate is ignored; OpenTelemetry would log it, client text and all, each time
+        logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
         self.propagator = TraceContextTextMapPropagator()
         self._trace = trace
 
@@ -112,5 +117,8 @@ class Tracing:
                 child.end(end_time=end)
 
     def shutdown(self) -> None:
-        """Send what is still buffered (at the worker's exit)."""
-        self.provider.shutdown()
+        """Send what is still buffered, at the worker's exit: for at most SHUTDOWN_S, so that a collector that is
+        down or hangs cannot hold the worker past its grace period."""
+        sender = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        sender.start()
+        sender.join(SHUTDOWN_S)

@@ -125,6 +125,7 @@ def test_uvicorn_still_has_the_server_internals_the_drain_uses():
     source = inspect.getsource(Server)
     for used in ("self.servers", "self.server_state", "self.lifespan", "config.http_protocol_class"):
         assert used in source
+    assert "self.config.timeout_graceful_shutdown" in source  # what bounds the end of a drain
 
 
 # ---- the timeout middleware for BentoML's own pages -----------------------------------------------------------

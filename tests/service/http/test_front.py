@@ -388,3 +388,31 @@ def test_the_api_page_loads_bentomls_swagger_files_through_the_front():
     assert (
         run(app, "GET", "/static_content/swagger-ui-bundle.js").body == b"bentoml /static_content/swagger-ui-bundle.js"
     )
+
+
+def test_a_body_that_stalls_is_408_before_the_whole_body_deadline(monkeypatch):
+    from service.http import front as front_module
+
+    monkeypatch.setattr(front_module, "BODY_STALL_S", 0.05)
+    app = front(body_timeout_s=30)
+
+    async def scenario():
+        parts = [{"type": "http.request", "body": b'{"images": ', "more_body": True}]
+
+        async def receive():
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(10)
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
+        await app(scope, receive, send)
+        return sent, app.inflight_bytes
+
+    sent, held = asyncio.run(scenario())
+    assert sent[0]["status"] == 408 and b"stalled: nothing of it arrived for 0.05 s" in sent[1]["body"]
+    assert held == 0

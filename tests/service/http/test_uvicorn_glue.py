@@ -88,10 +88,13 @@ def settings(monkeypatch):
     previous = GuardedProtocol.settings
     GuardedProtocol.settings = ServiceConfig(header_timeout_s=0.05, max_connections=2, keep_alive_s=3)
     monkeypatch.setattr(uvicorn_glue, "LINGER_S", 0.1)
-    uvicorn_glue.WAITING.clear()
+    monkeypatch.setattr(uvicorn_glue, "LINGER_IDLE_S", 0.05)
+    for group in uvicorn_glue.SHED_ORDER:
+        group.clear()
     yield GuardedProtocol.settings
     GuardedProtocol.settings = previous
-    uvicorn_glue.WAITING.clear()
+    for group in uvicorn_glue.SHED_ORDER:
+        group.clear()
 
 
 async def _connect(connections: set | None = None) -> tuple[GuardedProtocol, Transport]:
@@ -136,12 +139,14 @@ def test_a_head_over_the_size_bound_is_431(settings):
 def test_a_header_value_that_never_ends_is_431(settings):
     pieces = [b"GET / HTTP/1.1\r\nX-Long: "] + [b"v" * 8192] * (MAX_HEAD_BYTES // 8192 + 2)
     transport = _exchange(*pieces)
-    assert transport.status() == 431 and "URL and headers" in transport.json()["error"]
+    assert transport.status() == 431 and "URL, headers or trailers" in transport.json()["error"]
 
 
 def test_a_head_that_does_not_complete_in_time_is_408(settings):
     transport = _exchange(b"GET / HTTP/1.1\r\nHost: a\r\n", wait=0.2)
     assert transport.status() == 408 and "within 0.05 s" in transport.json()["error"] and transport.closed
+    rid = transport.json()["request_id"]  # an answer written below the app has an id too
+    assert len(rid) == 32 and b"x-request-id: " + rid.encode() in transport.written
 
 
 def test_an_idle_connection_is_answered_408_and_closed(settings):
@@ -280,3 +285,69 @@ def test_a_half_close_in_the_middle_of_a_body_closes(settings):
         return protocol.eof_received()  # the body can now never be whole: nothing to answer
 
     assert not asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "start, endless",
+    [
+        (b"0\r\nX-Trailer: ", b"a"),  # trailers after the last chunk
+        (b"1;ext=", b"e"),  # a chunk extension
+    ],
+    ids=["trailer", "chunk-extension"],
+)
+def test_bytes_that_are_not_body_are_bounded_after_the_head_too(settings, start, endless):
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pieces = [head, start] + [endless * 16384] * (3 * MAX_HEAD_BYTES // 16384)
+    transport = _exchange(*pieces)
+    assert transport.status() == 431 and "trailers" in transport.json()["error"]
+
+
+def test_an_endless_pipelined_head_behind_a_request_in_progress_is_cut(settings):
+    async def scenario():
+        protocol, transport = await _connect()
+        protocol.data_received(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nX-Endless: ")
+        for _ in range(3 * MAX_HEAD_BYTES // 16384):
+            if transport.closed:
+                break
+            protocol.data_received(b"v" * 16384)
+        closed = transport.closed
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return closed, bytes(transport.written)
+
+    closed, written = asyncio.run(scenario())
+    assert closed and written == b""  # cut before it could grow; no answer that /hold's client would take for its own
+
+
+def test_a_socket_that_never_spoke_is_shed_before_a_client_sending_its_head(settings):
+    GuardedProtocol.settings = ServiceConfig(header_timeout_s=10, max_connections=2)
+
+    async def scenario():
+        shared: set = set()
+        talking, talking_transport = await _connect(shared)
+        talking.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n")  # oldest, but its head is on its way
+        silent = [await _connect(shared) for _ in range(3)]
+        await _connect(shared)  # the fifth socket: one must go
+        return talking_transport.closed, [t.closed for _, t in silent]
+
+    talking_closed, silent_closed = asyncio.run(scenario())
+    assert not talking_closed and silent_closed == [True, False, False]
+
+
+def test_requests_whose_bodies_are_still_arriving_do_not_count_against_the_cap(settings):
+    GuardedProtocol.settings = ServiceConfig(header_timeout_s=10, max_connections=2)
+
+    async def scenario():
+        shared: set = set()
+        for _ in range(3):  # more slow uploads than the cap: a byte of a 100,000-byte body each
+            slow, _ = await _connect(shared)
+            slow.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\nx")
+        whole, transport = await _connect(shared)
+        whole.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+        await asyncio.sleep(0.01)
+        statuses = transport.status()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return statuses
+
+    assert asyncio.run(scenario()) == 200
