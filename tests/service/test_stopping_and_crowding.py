@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import BOOK_IMAGE
-from tests.service.conftest import serve
+from tests.service.conftest import big_png, serve
 from tests.service.test_limits import raw_exchange
 
 pytestmark = pytest.mark.slow
@@ -74,24 +74,40 @@ def test_idle_sockets_do_not_crowd_out_whole_requests(small_server):
     assert predicted.status_code == 200 and predicted.json()[0]["digit"] == 2
 
 
-def test_requests_in_progress_past_the_cap_get_503_and_liveness_stays_200(small_server):
-    """Eight requests whose heads are complete and whose bodies stall hold the cap of 8."""
+def test_requests_in_progress_past_the_cap_get_503_and_liveness_stays_200(book_export, tmp_path):
+    """Whole requests of maximal images (seconds of work, all admitted to the queue) fill the cap of 8."""
+    files = [("images", (f"{i}.png", big_png(side), "image/png")) for i, side in enumerate((5000, 5000, 3700))]
+    readyz = livez = b""
+    with serve(tmp_path, MNIST_WORKERS=1, MNIST_MAX_CONNECTIONS=8, MNIST_MAX_QUEUE_S=600) as served:
+        with ThreadPoolExecutor(16) as pool:
+            held = [pool.submit(httpx.post, served.url + "/predict", files=files, timeout=300) for _ in range(16)]
+            for _ in range(200):  # while they are in progress
+                readyz = raw_exchange(served.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if readyz.startswith(b"HTTP/1.1 503 "):
+                    livez = raw_exchange(served.port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                    break
+                time.sleep(0.02)
+            statuses = [h.result().status_code for h in held]
+    assert readyz.startswith(b"HTTP/1.1 503 ") and b"requests in progress" in readyz, readyz[:300]
+    assert b"retry-after: 1" in readyz.lower()
+    assert livez.startswith(b"HTTP/1.1 200 ")
+    assert set(statuses) <= {200, 503}  # those past the cap are refused at once; none is lost
+
+
+def test_half_sent_bodies_do_not_count_against_the_cap(small_server):
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
     held = []
     try:
-        for _ in range(8):
+        for _ in range(16):  # twice the cap, each a byte into a 1000-byte body
             sock = socket.create_connection(("127.0.0.1", small_server.port))
-            sock.sendall(head + b"Content-Length: 1000\r\n\r\n--zz")
+            sock.sendall(head + b"Content-Length: 1000\r\n\r\n-")
             held.append(sock)
         time.sleep(0.2)
-        readyz = raw_exchange(small_server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-        livez = raw_exchange(small_server.port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        predicted = httpx.post(small_server.url + "/predict", files=IMAGE, timeout=30)
     finally:
         for sock in held:
             sock.close()
-    assert readyz.startswith(b"HTTP/1.1 503 ") and b"requests in progress" in readyz
-    assert b"retry-after: 1" in readyz.lower()
-    assert livez.startswith(b"HTTP/1.1 200 ")
+    assert predicted.status_code == 200 and predicted.json()[0]["digit"] == 2
 
 
 # ---- refusals the client can read ------------------------------------------------------------------------------
