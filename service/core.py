@@ -12,7 +12,6 @@ import numpy as np
 
 from service.engine.batcher import Batcher, Timeline
 from service.engine.messages import Done, InputKind, RuntimeInfo
-from service.errors import RequestError
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"  # the network as exported; the classifier end to end
 
@@ -186,7 +185,3 @@ class Core:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def unavailable(reason: str, retry_after: int | None = None) -> RequestError:
-    return RequestError(503, "unavailable", reason, retry_after)

@@ -220,23 +220,25 @@ def test_large_bodies_held_open_leave_room_for_small_ones(monkeypatch):
     assert small.status == 400 and "no images" in small.json()["error"]  # through to the engine, not refused
 
 
+async def _quiet_after(app, parts: list[dict]) -> list[dict]:
+    """A POST /predict_array whose client sends ``parts`` and then nothing more: what the front sent back."""
+    sent = []
+
+    async def receive():
+        if parts:
+            return parts.pop(0)
+        await asyncio.sleep(10)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
+    await app(scope, receive, send)
+    return sent
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408():
-    app = front(body_timeout_s=0.05)
-
-    async def scenario():
-        async def receive():
-            await asyncio.sleep(10)
-
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
-        await app(scope, receive, send)
-        return sent
-
-    sent = asyncio.run(scenario())
+    sent = asyncio.run(_quiet_after(front(body_timeout_s=0.05), []))
     assert sent[0]["status"] == 408 and b"did not arrive within 0.05 s" in sent[1]["body"]
 
 
@@ -395,24 +397,7 @@ def test_a_body_that_stalls_is_408_before_the_whole_body_deadline(monkeypatch):
 
     monkeypatch.setattr(front_module, "BODY_STALL_S", 0.05)
     app = front(body_timeout_s=30)
-
-    async def scenario():
-        parts = [{"type": "http.request", "body": b'{"images": ', "more_body": True}]
-
-        async def receive():
-            if parts:
-                return parts.pop(0)
-            await asyncio.sleep(10)
-
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
-        await app(scope, receive, send)
-        return sent, app.inflight_bytes
-
-    sent, held = asyncio.run(scenario())
+    sent = asyncio.run(_quiet_after(app, [{"type": "http.request", "body": b'{"images": ', "more_body": True}]))
+    held = app.inflight_bytes
     assert sent[0]["status"] == 408 and b"stalled: nothing of it arrived for 0.05 s" in sent[1]["body"]
     assert held == 0
