@@ -398,8 +398,10 @@ def _end_drain(server: Server, sig: int, frame) -> None:
         for sock in socks:
             for conn in _accept_all(sock):
                 loop.create_task(loop.connect_accepted_socket(protocol, conn))
-            with _one_worker_at_a_time(sock):  # so that two workers draining at once cannot both leave it open
+            with _one_worker_at_a_time(sock) as lock_path:  # two workers draining at once cannot both leave it open
                 if not _other_workers_listen_on(sock):
+                    with contextlib.suppress(OSError):  # the last worker out: the lock file is no longer needed
+                        os.unlink(lock_path)
                     # what queued while we looked, then the shutdown at once: it resets whatever is still queued
                     for conn in _accept_all(sock):
                         loop.create_task(loop.connect_accepted_socket(protocol, conn))
@@ -415,7 +417,7 @@ def _one_worker_at_a_time(sock: socket.socket):
     path = os.path.join(tempfile.gettempdir(), f"mnist-serving-listener-{stat.st_dev}-{stat.st_ino}.lock")
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        yield path
 
 
 def _other_workers_listen_on(sock: socket.socket) -> bool:
