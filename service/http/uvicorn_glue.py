@@ -352,7 +352,7 @@ async def _over_capacity(scope, receive, send) -> None:
 
 
 _uvicorn_handle_exit = Server.handle_exit
-LAST_REQUESTS_S = 1.0  # after the listener closes: time for the connections accepted last to send their requests
+LAST_REQUESTS_S = 2.0  # after the listener closes: time for the connections accepted last to send their requests
 # After the drain, requests in progress have this long to finish (uvicorn would wait for ever, for a client that
 # never reads its answers, say); a container's grace period is 30 s by default, of which the drain takes 10.
 FINISH_S = 15

@@ -83,8 +83,10 @@ def test_a_client_that_leaves_takes_its_queued_work_with_it(small_server):
     before = metric(httpx.get(url + "/metrics").text, "mnist_requests_abandoned_total")
     pool = ThreadPoolExecutor(4)
     bigs = [pool.submit(httpx.post, url + "/predict", files=files, timeout=300) for _ in range(4)]  # one at a time
-    while httpx.get(url + "/model_info").json()["batcher"]["busy_processes"] == 0:  # until the first one runs
-        assert not any(big.done() for big in bigs)
+    deadline = time.monotonic() + 60
+    while (state := httpx.get(url + "/model_info").json()["batcher"])["queued_requests"] < 3:
+        # until one runs and the other three wait: the small request then queues last, behind all of them
+        assert time.monotonic() < deadline and not any(big.done() for big in bigs), state
     body, content_type = multipart_body(BOOK_IMAGE.read_bytes())
     with socket.create_connection(("127.0.0.1", small_server.port)) as sock:
         sock.sendall(
