@@ -5,7 +5,6 @@ the API methods of service/service.py) only parse, validate and format.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +19,9 @@ class Lifecycle:
     """This worker's stage in its life: set by the server glue on SIGTERM, read by the readiness rule."""
 
     draining = False
-    drain_started = 0.0
 
     def drain(self) -> None:
-        self.draining, self.drain_started = True, time.monotonic()
+        self.draining = True
 
 
 LIFECYCLE = Lifecycle()

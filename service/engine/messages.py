@@ -97,8 +97,6 @@ class Done:
 @dataclass(frozen=True)
 class BatchStats:
     model_images: int  # images in the model call (requests that failed preparation are not in it)
-    model_start_ns: int = 0
-    model_end_ns: int = 0
     decoded_images: int = 0  # image files whose pixels were decoded (or tried), for all requests of the batch
     decoded_pixels: int = 0
 

@@ -125,11 +125,12 @@ class Work:
             failed = _internal("the model failed on this batch")
             stats = BatchStats(0, **decoded)
             return BatchDone(batch.id, {**answers, **{job.id: failed for job, *_ in ready}}, stats)
-        stats = BatchStats(len(images), model_start, time.time_ns(), **decoded)
+        model_end = time.time_ns()
+        stats = BatchStats(len(images), **decoded)
         offset = 0
         for job, x, seen, start, end in ready:
             answer = log_probs[offset : offset + len(x)].copy()
-            answers[job.id] = Done(answer, seen, start, end, model_start, stats.model_end_ns, len(images))
+            answers[job.id] = Done(answer, seen, start, end, model_start, model_end, len(images))
             offset += len(x)
         return BatchDone(batch.id, answers, stats)
 

@@ -279,7 +279,7 @@ class Frontend:
         if scope["path"] == "/metrics" and not self.config.metrics_public and not self._authorized(scope):
             return await self._serve(PROTECTED_PAGE, "/metrics", scope, receive, send)
         started, sent = time.perf_counter(), {"status": 0, "bytes": 0}
-        rid = access.request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+        rid = access.request_id_of(scope)
 
         async def answered(message):
             if message["type"] == "http.response.start":

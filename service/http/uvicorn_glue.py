@@ -332,7 +332,7 @@ async def _over_capacity(scope, receive, send) -> None:
     """A request past the cap gets one answer and its connection is closed: 503, except liveness (the worker
     is alive: a probe must not restart it for being busy)."""
     settings = GuardedProtocol.settings
-    rid = access.request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+    rid = access.request_id_of(scope)
     message = f"the server is overloaded: this worker has {settings.max_connections} requests in progress; retry later"
     status, answer = 503, {"error": message, "request_id": rid}
     if scope["path"] in ("/livez", "/healthz", "/v2/health/live"):

@@ -32,6 +32,11 @@ def request_id(given: bytes | None) -> str:
     return os.urandom(16).hex()
 
 
+def request_id_of(scope: dict) -> str:
+    """``request_id`` for an ASGI scope's headers (the first X-Request-ID, as most servers take it)."""
+    return request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+
+
 def line(method: str, path: str, status: int, seconds: float, bytes_in: int, bytes_out: int, rid: str) -> str:
     """One request as a JSON object (the path cut to 200 characters; JSON escapes what a client put in it). The
     request id needs no escaping: it is a plain token (``request_id``)."""

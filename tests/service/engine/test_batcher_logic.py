@@ -140,7 +140,7 @@ class FakeWork:
                 x = prepared[job.id]
                 inputs = x if job.want_inputs else None
                 answers[job.id] = Done(model(x), inputs, start, model_start, model_start, model_end, model_images)
-        return BatchDone(batch.id, answers, BatchStats(model_images, model_start, model_end))
+        return BatchDone(batch.id, answers, BatchStats(model_images))
 
     def close(self, kill: bool = False) -> None:
         self.closed.append(kill)

@@ -33,7 +33,7 @@ LOG_PROBS = np.log(np.full((2, 10), 0.1, np.float32))
 INPUTS = np.random.default_rng(0).random((2, SIDE, SIDE), dtype=np.float32)
 DONE = Done(LOG_PROBS, INPUTS, 1_000, 2_500_000, 3_000_000, 4_000_000, 5)
 ERROR = RequestError(400, "bad_shape", "images[0] is null", retry_after=None)
-STATS = BatchStats(model_images=5, model_start_ns=3_000_000, model_end_ns=4_000_000, decoded_images=2, decoded_pixels=9)
+STATS = BatchStats(model_images=5, decoded_images=2, decoded_pixels=9)
 
 MESSAGES = {
     "Init": Init("/models/x", {"normalization": {"mean": 0.1, "std": 0.3}}, "onnx", {"max_batch_size": 256}),

@@ -192,7 +192,7 @@ def test_only_bad_jobs_means_no_model_call():
     done = w.run(Batch(4, [bad_job(1), bad_job(2)]))
     assert w.runtime.calls == []
     assert all(isinstance(done.answers[i], RequestError) for i in (1, 2))
-    assert done.stats == BatchStats(0, 0, 0, 0, 0)
+    assert done.stats == BatchStats(0, 0, 0)
 
 
 def test_an_empty_batch():
@@ -237,7 +237,7 @@ def test_timings_are_ordered():
     for a in answers:
         assert 0 < a.prepare_start_ns <= a.prepare_end_ns <= a.model_start_ns <= a.model_end_ns
         assert a.prepare_s >= 0
-        assert (a.model_start_ns, a.model_end_ns) == (done.stats.model_start_ns, done.stats.model_end_ns)
+        assert (a.model_start_ns, a.model_end_ns) == (answers[0].model_start_ns, answers[0].model_end_ns)  # one call
     assert answers[0].prepare_end_ns <= answers[1].prepare_start_ns <= answers[1].prepare_end_ns
     assert answers[1].prepare_end_ns <= answers[2].prepare_start_ns
 

@@ -66,6 +66,7 @@ def multipart(*files: bytes, fields: dict[str, str] | None = None) -> bytes:
 
 MULTIPART = ("content-type", f"multipart/form-data; boundary={BOUNDARY}")
 JSON = ("content-type", "application/json")
+JSON_H = (b"content-type", b"application/json")
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +222,8 @@ def test_large_bodies_held_open_leave_room_for_small_ones(monkeypatch):
 
 
 async def _quiet_after(app, parts: list[dict]) -> list[dict]:
-    """A POST /predict_array whose client sends ``parts`` and then nothing more: what the front sent back."""
+    """A POST /predict_array whose client sends ``parts`` (messages, a disconnect among them if it leaves) and
+    then nothing more: what the front sent back."""
     sent = []
 
     async def receive():
@@ -242,27 +244,10 @@ def test_a_body_that_does_not_arrive_in_time_is_408():
     assert sent[0]["status"] == 408 and b"did not arrive within 0.05 s" in sent[1]["body"]
 
 
-JSON_H = (b"content-type", b"application/json")
-
-
 def test_a_client_that_leaves_mid_body_gets_nothing_and_costs_nothing():
     app = front()
-
-    async def scenario():
-        messages = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
-        sent = []
-
-        async def receive():
-            return messages.pop(0)
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/predict_array", "query_string": b"", "headers": [JSON_H]}
-        await app(scope, receive, send)
-        return sent
-
-    assert asyncio.run(scenario()) == []
+    parts = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+    assert asyncio.run(_quiet_after(app, parts)) == []
     assert app.inflight_bytes == 0 and app.core.engine.calls == []
 
 
