@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,7 +23,11 @@ DIGIT_BOX = 20  # MNIST fits each digit in a 20x20 box, then centres its mass in
 MIN_DIGIT_AREA = 0.001  # an inner blob this share of the picture is a digit, enough to drop the border blobs
 MIN_BLOB_FRACTION = 0.05  # blobs under 5% of the largest one are specks, not strokes
 MNIST_CENTRE_TOLERANCE = 0.6  # px; MNIST's centres of mass lie within 0.52 px of (14, 14), train set included
-WORK_SIDE = 512  # big images are shrunk to this before the pixel work; the digit ends up 20 px anyway
+WORK_SIDE = 512  # larger images are box-averaged towards this in Pillow as they are decoded
+JPEG_DRAFT_SIDE = 256  # a large JPEG is decoded at the smallest DCT scale that keeps both sides at least this
+COARSE_SIDE = 128  # the blob analysis (which strokes are the digit) runs on the image shrunk to at most this
+FINE_SIDE = 4 * 20  # the digit's own pixels are worked on at up to 4x the 20 px they end up as
+BORDER_BAND = 0.02  # a blob this close to the border (a share of the side, at least 1 px) is a frame, not a digit
 DEFAULT_LIMITS = ServiceConfig()  # the limits below (bytes, pixels, JPEG scans) are settings of the service
 MAX_PIXELS = DEFAULT_LIMITS.max_image_pixels
 MAX_BYTES = DEFAULT_LIMITS.max_image_bytes
@@ -88,13 +93,14 @@ def _jpeg_pieces(img: Image.Image) -> int:
 
 def load_image(img: Image.Image, name: str = "image") -> Image.Image:
     """Decode the pixels of an image from ``open_image``, upright (phones store their rotation in EXIF). A
-    JPEG much larger than the working size is decoded at a reduced scale (libjpeg's DCT scaling: 1/2 to 1/8),
-    several times cheaper. Every failure of a decoder, EXIF included, is the client's bad file."""
+    JPEG much larger than the digit needs is decoded at a reduced scale (libjpeg's DCT scaling: 1/2 to 1/8) and,
+    when its colours would be thrown away anyway, straight to grayscale. Every failure of a decoder, EXIF
+    included, is the client's bad file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format in ("JPEG", "MPO") and min(img.size) > 2 * WORK_SIDE:
-                img.draft(None, (WORK_SIDE, WORK_SIDE))
+            if img.format in ("JPEG", "MPO") and max(img.size) > 2 * JPEG_DRAFT_SIDE:
+                img.draft("L" if img.mode in ("L", "RGB") else None, (JPEG_DRAFT_SIDE, JPEG_DRAFT_SIDE))
             img.load()
             if max(img.size) > 2 * WORK_SIDE:
                 img = _reduced(img)
@@ -136,6 +142,8 @@ def to_gray(img: Image.Image) -> np.ndarray:
         return _scaled(img)
     if img.mode in ("P", "PA") or (img.mode in ("L", "RGB") and "transparency" in img.info):
         img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa") and img.getchannel("A").getextrema()[0] == 255:
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # opaque (a canvas drawing): no alpha to use
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
@@ -164,13 +172,16 @@ def _scaled(img: Image.Image) -> np.ndarray:
     return (values / scale).astype(np.float32)
 
 
-def _shrink(gray: np.ndarray) -> np.ndarray:
+def _shrunk(gray: np.ndarray, side: int) -> tuple[np.ndarray, float, float]:
+    """``gray`` box-averaged so that its longer side is at most ``side``, and the source pixels per pixel of
+    the result along y and x (1 when it was small enough already)."""
     h, w = gray.shape
-    if max(h, w) <= WORK_SIDE:
-        return gray
-    scale = WORK_SIDE / max(h, w)
+    if max(h, w) <= side:
+        return gray, 1.0, 1.0
+    scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+    small = np.asarray(Image.fromarray(gray, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+    return small, h / size[1], w / size[0]
 
 
 _OTSU_BINS = 64
@@ -216,8 +227,9 @@ def _digit_mask(ink: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
     inner = sizes.copy()
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        inner[edge] = 0
+    band = max(1, round(BORDER_BAND * max(ink.shape)))  # a window's frame drawn a pixel or two inside the edge
+    for edge in (labels[:band], labels[-band:], labels[:, :band], labels[:, -band:]):
+        inner[edge.ravel()] = 0
     if inner.max() >= MIN_DIGIT_AREA * ink.size:
         sizes = inner
     keep = sizes >= max(MIN_BLOB_FRACTION * sizes.max(), 1)
@@ -240,32 +252,93 @@ def is_mnist_format(gray: np.ndarray) -> bool:
     return abs(cy - 14.0) <= MNIST_CENTRE_TOLERANCE and abs(cx - 14.0) <= MNIST_CENTRE_TOLERANCE
 
 
+@dataclass(frozen=True)
+class _Look:
+    """What the blob analysis found on the coarse image: how to turn its gray levels into ink (0..1) and which
+    coarse pixels are the digit's strokes."""
+
+    inverted: bool
+    background: float
+    peak: float
+    threshold: float
+    mask: np.ndarray
+
+    def ink(self, gray: np.ndarray) -> np.ndarray:
+        gray = 1.0 - gray if self.inverted else gray
+        return ((gray - self.background) / (self.peak - self.background)).clip(0.0, 1.0)
+
+
+def _look(gray: np.ndarray) -> _Look | None:
+    """Light or dark ink, the contrast, the threshold and the digit's strokes; None when nothing is drawn."""
+    low, median, high = _quantiles(gray)
+    inverted = bool(median > 0.5)  # most of the picture is light: dark ink on paper or a white canvas
+    if inverted:
+        low, median, high = 1.0 - high, 1.0 - median, 1.0 - low
+    background, peak = float(median), float(high)
+    if peak - background < 0.05:
+        return None
+    look = _Look(inverted, background, peak, 0.0, np.zeros(0, dtype=bool))
+    ink = look.ink(gray)
+    threshold = max(_otsu(ink), 0.2)
+    return _Look(inverted, background, peak, threshold, _digit_mask(ink > threshold))
+
+
 def mnist_style(gray: np.ndarray) -> np.ndarray:
     """A grayscale image (0..1, any size) -> 28x28 float32 in 0..1, white digit on black, MNIST-centred. An
-    image already in MNIST's format passes through unchanged."""
+    image already in MNIST's format passes through unchanged.
+
+    Two passes, so that the cost does not follow the image's size: the blob analysis on the image shrunk to
+    ``COARSE_SIDE``, then the strokes themselves on the digit's own box cut from the full image, shrunk to
+    ``FINE_SIDE``."""
     gray = np.asarray(gray, dtype=np.float32)
     if not np.isfinite(gray).all():
         gray = np.nan_to_num(gray)
     gray = gray.clip(0.0, 1.0)
     if is_mnist_format(gray):
         return gray
-    gray = _shrink(gray)
-    low, median, high = _quantiles(gray)
-    if median > 0.5:  # most of the picture is light: dark ink on paper or a white canvas
-        gray = 1.0 - gray
-        low, median, high = 1.0 - high, 1.0 - median, 1.0 - low
-    background, peak = float(median), float(high)
-    if peak - background < 0.05:
+    coarse, step_y, step_x = _shrunk(gray, COARSE_SIDE)
+    look = _look(coarse)
+    if look is None:
         return np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)  # nothing drawn: a blank answer, not an error
-    gray = ((gray - background) / (peak - background)).clip(0.0, 1.0)
-    threshold = max(_otsu(gray), 0.2)
-    mask = _digit_mask(gray > threshold)
+    if step_y == step_x == 1.0:
+        ink, mask = look.ink(coarse), look.mask
+    else:
+        ink, mask = _fine(gray, look, step_y, step_x)
     # the digit's anti-aliased edges: faint pixels next to the kept strokes, nothing else (MNIST's background is 0)
     near = ndimage.binary_dilation(mask, structure=_DIAMOND_2)
-    gray = np.where(near & (gray >= 0.5 * threshold), gray, 0.0).astype(np.float32)
+    ink = np.where(near & (ink >= 0.5 * look.threshold), ink, 0.0).astype(np.float32)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    return _centre(crop)
+    if rows.size == 0:
+        return np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)
+    return _centre(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+
+
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in all eight directions (a 3x3 dilation, by shifts: several times faster
+    than scipy's on a small image)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    wide = grown.copy()
+    wide[:, 1:] |= grown[:, :-1]
+    wide[:, :-1] |= grown[:, 1:]
+    return wide
+
+
+def _fine(gray: np.ndarray, look: _Look, step_y: float, step_x: float) -> tuple[np.ndarray, np.ndarray]:
+    """The digit's box (one coarse pixel of margin) cut from the full image and shrunk to ``FINE_SIDE``: its
+    ink, and its strokes: ink over the threshold where the coarse analysis found the digit's (or next to it)."""
+    rows, cols = np.flatnonzero(look.mask.any(axis=1)), np.flatnonzero(look.mask.any(axis=0))
+    h, w = gray.shape
+    top, bottom = max(0, int((rows[0] - 1) * step_y)), min(h, int(np.ceil((rows[-1] + 2) * step_y)))
+    left, right = max(0, int((cols[0] - 1) * step_x)), min(w, int(np.ceil((cols[-1] + 2) * step_x)))
+    fine, fine_y, fine_x = _shrunk(np.ascontiguousarray(gray[top:bottom, left:right]), FINE_SIDE)
+    ink = look.ink(fine)
+    # each fine pixel's centre, in coarse pixels: the coarse mask (grown by one pixel) says where strokes may be
+    gate = _grown(look.mask)
+    ys = ((top + (np.arange(fine.shape[0]) + 0.5) * fine_y) / step_y).astype(np.intp).clip(0, gate.shape[0] - 1)
+    xs = ((left + (np.arange(fine.shape[1]) + 0.5) * fine_x) / step_x).astype(np.intp).clip(0, gate.shape[1] - 1)
+    return ink, (ink > look.threshold) & gate[np.ix_(ys, xs)]
 
 
 def _centre(crop: np.ndarray) -> np.ndarray:

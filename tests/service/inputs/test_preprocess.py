@@ -16,6 +16,7 @@ from service.inputs.preprocess import (
     mnist_style,
     normalize,
 )
+from bench import workloads
 from tests.conftest import BOOK_IMAGE
 from tests.service import realistic
 from tests.service.conftest import png_bytes
@@ -68,6 +69,17 @@ def test_real_world_images_come_out_right(kind, mnist_test, onnx_predict):
     assert plain <= 0.5, f"{kind}: a plain resize got {plain:.2f} right; the test images are too easy"
 
 
+@pytest.mark.parametrize("kind", workloads.KINDS)
+def test_what_people_send_comes_out_right(kind, mnist_test, onnx_predict):
+    """The benchmark's inputs (bench/workloads.py): the page's canvas, screenshots whose window frame lies a
+    pixel inside the edge, phone photos up to 12 megapixels (decoded at 1/8 scale, straight to grayscale)."""
+    images, labels = mnist_test
+    n = 8 if kind == "photo_12mp" else SAMPLES_PER_KIND
+    files = [workloads.make(kind, images[i].numpy(), seed=i) for i in range(n)]
+    right = (onnx_predict([image_to_mnist(f) for f in files]) == labels[:n].numpy()).mean()
+    assert right >= 0.9, f"{kind}: {right:.2f} right"
+
+
 def test_blank_image_gives_a_blank_input():
     assert not image_to_mnist(png_bytes(np.full((40, 40), 255, np.uint8))).any()
 
@@ -111,11 +123,11 @@ def test_normalize_matches_training(mnist_test):
 
 
 def test_fast_helpers_match_the_library_calls_they_replace():
-    """The hand-rolled percentiles and the single diamond dilation give exactly what np.percentile and two
+    """The hand-rolled percentiles and dilations give exactly what np.percentile and two
     cross dilations give, on sizes from a 1x1 image up to the 512 px working size."""
     from scipy import ndimage
 
-    from service.inputs.preprocess import _DIAMOND_2, _quantiles
+    from service.inputs.preprocess import _DIAMOND_2, _grown, _quantiles
 
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (2, 3), (28, 28), (31, 17), (300, 400), (512, 384)]:
@@ -126,3 +138,4 @@ def test_fast_helpers_match_the_library_calls_they_replace():
         assert np.array_equal(
             ndimage.binary_dilation(mask, structure=_DIAMOND_2), ndimage.binary_dilation(mask, iterations=2)
         )
+        assert np.array_equal(_grown(mask), ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool)))
