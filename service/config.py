@@ -54,6 +54,14 @@ class ServiceConfig:
         "processes per worker that decode, preprocess and run the model, off the worker's event loop",
         maximum=64,
     )
+    express_procs: int = setting(
+        "MNIST_EXPRESS_PROCS",
+        1,
+        "processes per worker kept for small requests while the others run long batches (a 64-megapixel upload, "
+        "a 31 MiB JSON body), so that a small request never waits behind them; 0: none",
+        minimum=0,
+        maximum=64,
+    )
     threads_per_worker: int = setting(
         "MNIST_THREADS",
         1,

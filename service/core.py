@@ -136,6 +136,10 @@ class Core:
             self.metrics.observe_answer(done, kind)
         return Answer(done.log_probs, done.inputs)
 
+    def refuses_unread(self, body_bytes: int):
+        """The 503 every request of a ``body_bytes`` body would get now, or None: asked before reading a body."""
+        return self.engine.refuses_unread(body_bytes)
+
     async def network(self, x: np.ndarray, call: Call | None = None) -> np.ndarray:
         """The exported network on its own input, [N, 1, 28, 28] normalized: its log-probabilities."""
         done = await self._run(InputKind.NORMALIZED, x, len(x), False, call)

@@ -4,10 +4,14 @@ Dynamic batching with no queue delay, as Triton's dynamic batcher does it: a req
 once when one is idle; requests that arrive while every process is busy queue, and the next process to finish
 takes all of them (up to ``max_batch_size`` images and one request's pixel budget) as one batch.
 
-The queue is bounded in images and in estimated seconds of work. A request's work is counted in units: the
-pixels its images declare (service/inputs/image_size.py; 28x28 for arrays) plus a fixed ``IMAGE_UNITS`` per
-image; recent batches give the seconds per unit. Past either bound a request is refused at once with 503 and
-Retry-After. Why pixels and this fixed cost: docs/performance.md.
+The queue is bounded in images and in estimated seconds of work. A request's work is counted in units
+(``work_units`` in service/engine/messages.py): the pixels its images declare (service/inputs/image_size.py;
+28x28 for arrays), a fixed cost per image, and a JSON body's bytes. The price of a unit is learned from the CPU
+time the work processes measure for the work they really did, never from what a request declared (a header
+cannot talk it down). Past either bound a request is refused at once with 503 and Retry-After.
+
+Express processes (``express_procs``) take only small requests, and only while every other process runs a
+long batch: a lone small request never waits behind a 64-megapixel upload. Why: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -22,15 +26,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.engine.messages import Batch, Done, Init, InputKind, Job
+from service.engine.messages import MNIST_PIXELS, Batch, Done, Init, InputKind, Job, work_units
 from service.engine.process import WorkerFailed, WorkProcess
 from service.errors import RequestError, overloaded
 from service.inputs.image_size import declared_pixels
 
 log = logging.getLogger("service.engine")
-MNIST_PIXELS = 28 * 28  # what an array input costs, against the pixels an image file declares
 START_TRIES = 3  # failed starts of a replacement before requests stop waiting for it
-IMAGE_UNITS = 65_536  # an image's fixed cost in pixel units: 0.12 ms, at the 2 ns a pixel of a large PNG
+EXPRESS_MAX_S = 0.02  # a request estimated at most this long may go to an express process
+EXPRESS_AFTER_S = 0.25  # ... once every other process runs a batch estimated at least this long
 
 
 @dataclass
@@ -47,10 +51,11 @@ class Pending:
     job: Job
     images: int  # its weight in the image bounds (an upper bound where the payload is not parsed yet)
     pixels: int  # the pixels its images declare: its weight in the batch's pixel bound
-    units: int  # its estimated work: pixels + IMAGE_UNITS per image
+    units: int  # its estimated work (``work_units``)
     future: asyncio.Future
     timeline: Timeline | None = None
     at_once: bool = False
+    small: bool = False  # an express process may take it
 
 
 @dataclass
@@ -61,21 +66,26 @@ class Counters:
     at_once: int = 0  # requests that found a process idle and went to it without waiting
     queued: int = 0  # requests that waited for a process to finish its batch
     refused: int = 0  # requests refused because the queue was full
+    express: int = 0  # requests an express process ran
     abandoned: int = 0  # requests dropped before they ran: their clients had gone
     restarts: int = 0
     last_batch: list[int] = field(default_factory=list)  # images per request in the latest batch
 
 
 class Batcher:
-    def __init__(self, start: Callable[[], WorkProcess], processes: int, config, metrics=None):
+    def __init__(self, start: Callable[[], WorkProcess], processes: int, config, metrics=None, express: int = 0):
         self.start, self.config, self.metrics = start, config, metrics
-        self.processes = [start() for _ in range(processes)]  # blocking: runs at service start-up
+        self.processes = [start() for _ in range(processes + express)]  # blocking: runs at service start-up
+        self.express = set(self.processes[processes:])  # kept for small requests (see the module's docstring)
         self.info = self.processes[0].info  # what the work processes loaded (every one loads the same files)
-        self.idle: deque[WorkProcess] = deque(self.processes)
+        self.idle: deque[WorkProcess] = deque(self.processes[:processes])
+        self.idle_express: deque[WorkProcess] = deque(self.processes[processes:])
+        self.running: dict[WorkProcess, float] = {}  # busy process -> its batch's estimated seconds
         self.queue: deque[Pending] = deque()
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
         self.admitted_units = 0  # and their estimated work (see the module's docstring)
-        self.seconds_per_unit = 0.0  # a moving average over recent batches, for the queue's depth in time
+        self.small_units = 0  # the part of it an express process may take
+        self.seconds_per_unit = 0.0  # CPU seconds: a moving average over recent batches
         self.counters = Counters()
         self.closing = False
         self.restarting = 0  # replacements being started: requests wait for them rather than being refused
@@ -92,7 +102,8 @@ class Batcher:
         c = self.counters
         return {
             "processes": len(self.processes),
-            "busy_processes": len(self.processes) - len(self.idle),
+            "express_processes": len(self.express),
+            "busy_processes": len(self.running),
             "queued_requests": len(self.queue),
             "admitted_images": self.admitted,
             "admitted_units": self.admitted_units,
@@ -118,15 +129,17 @@ class Batcher:
         if kind is InputKind.ENCODED:  # what each header says; the work process refuses a file that decodes larger
             declared = tuple(declared_pixels(data, self.config.max_image_pixels) for data in payload)
         pixels = images * MNIST_PIXELS if declared is None else sum(declared)
-        units = pixels + images * IMAGE_UNITS
-        self._admit(images, units)
+        units = work_units(kind, pixels, images, len(payload) if kind is InputKind.JSON else 0)
+        small = bool(self.express) and units * self.seconds_per_unit <= EXPRESS_MAX_S
+        self._admit(images, units, small)
         future = asyncio.get_running_loop().create_future()
         job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
-        pending = Pending(job, images, pixels, units, future, timeline)
+        pending = Pending(job, images, pixels, units, future, timeline, small=small)
         if timeline is not None:
             timeline.queued_ns = time.time_ns()
         self.admitted += images
         self.admitted_units += units
+        self.small_units += units if small else 0
         self.queue.append(pending)
         self._dispatch()
         pending.at_once = not self.queue or self.queue[-1] is not pending  # already on its way to a process
@@ -137,23 +150,42 @@ class Batcher:
         finally:
             self.admitted -= images
             self.admitted_units -= units
+            self.small_units -= units if small else 0
+
+    def refuses_unread(self, body_bytes: int) -> RequestError | None:
+        """The refusal that any request of a ``body_bytes`` body would get now, decided before its body is read
+        (None when one might be admitted): the cheapest such request has one 28x28 image and parses a byte of its
+        body for at least the price of a pixel."""
+        units = work_units(InputKind.PIXELS, MNIST_PIXELS + body_bytes, 1)
+        small = bool(self.express) and units * self.seconds_per_unit <= EXPRESS_MAX_S
+        try:
+            self._admit(1, units, small, count=False)
+        except RequestError as exc:
+            return exc
+        return None
+
+    def _normal(self) -> int:
+        return max(1, len(self.processes) - len(self.express))
 
     def _queued_seconds(self, more_units: int) -> float:
-        return (self.admitted_units + more_units) * self.seconds_per_unit / max(1, len(self.processes))
+        return (self.admitted_units + more_units) * self.seconds_per_unit / self._normal()
 
-    def _admit(self, images: int, units: int) -> None:
-        """Refuse at once what would pass the queue's bound in images or in estimated seconds of work."""
+    def _admit(self, images: int, units: int, small: bool, count: bool = True) -> None:
+        """Refuse at once what would pass the queue's bound in images or in estimated seconds of work. A small
+        request, where express processes take them, is bounded by the small work queued alone."""
         if not self.admitted:
             return  # an idle worker takes any request the per-request limits allow
         config = self.config
         wait_s = self._queued_seconds(units)
+        if small:
+            wait_s = min(wait_s, (self.small_units + units) * self.seconds_per_unit / len(self.express))
         if self.admitted + images > config.max_queue_images:
             problem = f"{self.admitted} images are queued on this worker and the limit is {config.max_queue_images}"
         elif wait_s > config.max_queue_s:
             problem = f"this worker has about {wait_s:.1f} s of work queued and the limit is {config.max_queue_s:g} s"
         else:
             return
-        self.counters.refused += 1
+        self.counters.refused += count
         raise overloaded(problem, max(config.retry_after_s, math.ceil(min(wait_s, config.max_queue_s))))
 
     def _dispatch(self) -> None:
@@ -161,17 +193,37 @@ class Batcher:
             if self.idle[0].proc.poll() is not None:  # it died while idle: the batch waits for its replacement
                 self._replace(self.idle.popleft())
                 continue
-            batch = self._take()
-            if batch:
-                task = asyncio.get_running_loop().create_task(self._run(self.idle.popleft(), batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            if batch := self._take():
+                self._start(self.idle.popleft(), batch)
+        while self.idle_express and self.queue and self._all_long():
+            if self.idle_express[0].proc.poll() is not None:
+                self._replace(self.idle_express.popleft())
+                continue
+            if not (batch := self._take(small_only=True)):
+                break
+            self.counters.express += len(batch)
+            self._start(self.idle_express.popleft(), batch)
 
-    def _take(self) -> list[Pending]:
+    def _all_long(self) -> bool:
+        """Whether every process but the express ones is busy with a long batch, or being replaced."""
+        if self.idle:
+            return False
+        others = (p for p in self.processes if p not in self.express)
+        return all(self.running.get(p, 0.0) >= EXPRESS_AFTER_S for p in others)
+
+    def _start(self, process: WorkProcess, batch: list[Pending]) -> None:
+        self.running[process] = sum(p.units for p in batch) * self.seconds_per_unit
+        task = asyncio.get_running_loop().create_task(self._run(process, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take(self, small_only: bool = False) -> list[Pending]:
         """Queued requests in order, up to the batch bounds (at least one request): ``max_batch_size`` images,
         and as many pixels as one request may decode, so that no batch holds more than a maximal request's
-        work and legal requests never add up to a batch that runs past the work timeout."""
-        batch, images, pixels = [], 0, 0
+        work and legal requests never add up to a batch that runs past the work timeout. ``small_only``: the
+        small requests only, wherever they are in the queue, up to ``EXPRESS_MAX_S`` of work."""
+        batch, images, pixels, units = [], 0, 0, 0
+        skipped: list[Pending] = []
         while self.queue:
             pending = self.queue[0]
             if pending.future.done():  # its client went away: nobody to answer, nothing to run
@@ -180,13 +232,19 @@ class Batcher:
                 if self.metrics is not None:
                     self.metrics.abandoned.inc()
                 continue
+            if small_only and not pending.small:
+                skipped.append(self.queue.popleft())
+                continue
             full = images + pending.images > self.config.max_batch_size
             full |= pixels + pending.pixels > self.config.max_request_pixels
+            full |= small_only and (units + pending.units) * self.seconds_per_unit > EXPRESS_MAX_S
             if batch and (not self.config.batching or full):
                 break
             batch.append(self.queue.popleft())
             images += pending.images
             pixels += pending.pixels
+            units += pending.units
+        self.queue.extendleft(reversed(skipped))  # the large requests keep their places
         return batch
 
     async def _run(self, process: WorkProcess, batch: list[Pending]) -> None:
@@ -201,6 +259,7 @@ class Batcher:
                 process.run(Batch(next(self._ids), [p.job for p in batch])), self.config.work_timeout_s
             )
         except (TimeoutError, WorkerFailed, OSError) as exc:
+            self.running.pop(process, None)
             reason = f"ran past {self.config.work_timeout_s:g} s" if isinstance(exc, asyncio.TimeoutError) else exc
             self._learn_price(time.perf_counter() - started, sum(p.units for p in batch), at_least=True)
             log.error("work process %s failed on a batch of %d requests: %s", process.proc.pid, len(batch), reason)
@@ -216,15 +275,17 @@ class Batcher:
             self._replace(process)
             return
         except Exception:  # a bug on our side of the socket: answer, and start from a clean process
+            self.running.pop(process, None)
             log.exception("a batch of %d requests failed", len(batch))
             self._fail(batch, RequestError(500, "internal", "the server failed to process this request"))
             self._replace(process)
             return
         seconds = time.perf_counter() - started
-        # priced on the requests that were served: a refused one cost little whatever it declared, and counting
-        # its units would let cheap refusals (truncated files declaring 25 megapixels) talk the price down
+        self.running.pop(process, None)
         answers = done.answers
-        self._learn_price(seconds, sum(p.units for p in batch if not isinstance(answers[p.job.id], Exception)))
+        # priced on the CPU time the work took and the work it really did: neither a request's headers nor a
+        # slow machine (refusals competing for the cores, another job) moves it
+        self._learn_price(done.stats.cpu_ns / 1e9, done.stats.units)
         if self.metrics is not None:
             self.metrics.observe_batch(done.stats, seconds)
         for pending in batch:
@@ -234,12 +295,13 @@ class Batcher:
                     pending.future.set_exception(answer)
                 else:
                     pending.future.set_result(answer)
-        self.idle.append(process)
+        (self.idle_express if process in self.express else self.idle).append(process)
         self._dispatch()
 
     def _learn_price(self, seconds: float, units: int, at_least: bool = False) -> None:
-        """The seconds per unit of work: a moving average over batches (none learned from a batch with no units).
-        ``at_least``: a batch that failed part way (a crash, the timeout) only ever raises the price."""
+        """The CPU seconds per unit of work: a moving average over batches (none learned from a batch with no
+        units). ``at_least``: a batch that failed part way (a crash, the timeout: wall time, the only measure
+        left) only ever raises the price."""
         if units:
             per_unit = seconds / units
             if at_least and per_unit <= self.seconds_per_unit:
@@ -257,15 +319,17 @@ class Batcher:
         queued meanwhile, and those that come while it starts, wait for it (within the queue's bounds)."""
         dead.close(kill=True)
         self.processes.remove(dead)
+        express = dead in self.express
+        self.express.discard(dead)
         self.counters.restarts += 1
         if self.metrics is not None:
             self.metrics.restarts.inc()
         self.restarting += 1
-        task = asyncio.get_running_loop().create_task(self._restart(dead))
+        task = asyncio.get_running_loop().create_task(self._restart(dead, express))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, dead: WorkProcess) -> None:
+    async def _restart(self, dead: WorkProcess, express: bool = False) -> None:
         """Start a replacement; on failure try again at once, then after 0.5 s, 1 s, ... up to 30 s. Requests
         wait for it through the first START_TRIES failures (a replacement killed while it starts, say); past
         them, the queue and new requests are refused until a process is up."""
@@ -294,7 +358,9 @@ class Batcher:
                     return
                 self.start_failed = False
                 self.processes.append(process)
-                self.idle.append(process)
+                if express:
+                    self.express.add(process)
+                (self.idle_express if express else self.idle).append(process)
                 self._dispatch()
                 return
         finally:
@@ -313,7 +379,8 @@ class Batcher:
 
 
 def start_batcher(model_dir, manifest: dict, config, metrics=None) -> Batcher:
-    """The batcher for one HTTP worker, with ``config.work_procs`` work processes serving the exported model
-    in ``model_dir``. Blocks until they are ready; raises WorkerFailed with the reason when one cannot start."""
+    """The batcher for one HTTP worker, with ``config.work_procs`` work processes and ``config.express_procs``
+    express ones serving the exported model in ``model_dir``. Blocks until they are ready; raises WorkerFailed
+    with the reason when one cannot start."""
     init = Init(str(model_dir), manifest, config.runtime, config.work_settings())
-    return Batcher(lambda: WorkProcess(init), config.work_procs, config, metrics)
+    return Batcher(lambda: WorkProcess(init), config.work_procs, config, metrics, config.express_procs)

@@ -99,6 +99,21 @@ class BatchStats:
     model_images: int  # images in the model call (requests that failed preparation are not in it)
     decoded_images: int = 0  # image files whose pixels were decoded (or tried), for all requests of the batch
     decoded_pixels: int = 0
+    cpu_ns: int = 0  # the CPU time the work process spent on the batch (all its threads), by its own clock
+    units: int = 0  # the work it did, in units (``work_units``): what the price is learned from
+
+
+# ---- the unit of work ----------------------------------------------------------------------------------------
+# Both ends count work alike: the batcher prices a request before it runs from what it declares, the work process
+# counts what it really did, and the price per unit is learned from the second (docs/performance.md).
+MNIST_PIXELS = 28 * 28  # what an array image costs, against the pixels an image file's header declares
+IMAGE_UNITS = 65_536  # an image's fixed cost in pixel units: 0.12 ms, at the 2 ns a pixel of a large PNG
+JSON_BYTE_UNITS = 8  # parsing a byte of JSON costs about as much as 8 pixels of a PNG
+
+
+def work_units(kind: InputKind, pixels: int, images: int, body_bytes: int = 0) -> int:
+    """A request's work: the pixels of its images, a fixed cost per image, and the parsing of a JSON body."""
+    return pixels + images * IMAGE_UNITS + (body_bytes * JSON_BYTE_UNITS if kind is InputKind.JSON else 0)
 
 
 @dataclass(frozen=True)

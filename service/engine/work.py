@@ -23,6 +23,7 @@ import numpy as np
 
 from service import linux
 from service.engine.messages import (
+    MNIST_PIXELS,
     Batch,
     BatchDone,
     BatchStats,
@@ -35,6 +36,7 @@ from service.engine.messages import (
     RuntimeInfo,
     receive,
     send,
+    work_units,
 )
 
 LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give the freed memory back
@@ -101,20 +103,23 @@ class Work:
     def run(self, batch: Batch) -> BatchDone:
         from service.inputs.decode import Counts
 
+        cpu_start = time.process_time_ns()
         answers, ready, decoded_before, pixels_before = {}, [], Counts.decoded_images, Counts.decoded_pixels
+        units = 0
         for job in batch.jobs:
-            start = time.time_ns()
+            start, pixels, images = time.time_ns(), Counts.decoded_pixels, Counts.decoded_images
             prepared = self._prepare(job)
             if isinstance(prepared, Exception):
                 answers[job.id] = prepared
             else:
                 ready.append((job, *prepared, start, time.time_ns()))
+            units += self._units(job, prepared, Counts.decoded_pixels - pixels, Counts.decoded_images - images)
         decoded = {
             "decoded_images": Counts.decoded_images - decoded_before,
             "decoded_pixels": Counts.decoded_pixels - pixels_before,
         }
         if not ready:
-            return BatchDone(batch.id, answers, BatchStats(0, **decoded))
+            return BatchDone(batch.id, answers, self._stats(0, decoded, cpu_start, units))
         images = np.concatenate([x for _, x, *_ in ready])
         model_start = time.time_ns()
         try:
@@ -123,16 +128,30 @@ class Work:
             ids = ", ".join(job.request_id for job, *_ in ready)
             log.error("the model call failed (requests %s):\n%s", ids, traceback.format_exc())
             failed = _internal("the model failed on this batch")
-            stats = BatchStats(0, **decoded)
+            stats = self._stats(0, decoded, cpu_start, units)
             return BatchDone(batch.id, {**answers, **{job.id: failed for job, *_ in ready}}, stats)
         model_end = time.time_ns()
-        stats = BatchStats(len(images), **decoded)
+        stats = self._stats(len(images), decoded, cpu_start, units)
         offset = 0
         for job, x, seen, start, end in ready:
             answer = log_probs[offset : offset + len(x)].copy()
             answers[job.id] = Done(answer, seen, start, end, model_start, model_end, len(images))
             offset += len(x)
         return BatchDone(batch.id, answers, stats)
+
+    @staticmethod
+    def _units(job: Job, prepared, decoded_pixels: int, decoded_images: int) -> int:
+        """The work a request really did, whatever its headers declared: the pixels Pillow found in its files
+        (an unreadable header is priced at the maximum until then), or its arrays; and its JSON."""
+        if job.kind is InputKind.ENCODED:
+            return work_units(job.kind, decoded_pixels, decoded_images)
+        images = 0 if isinstance(prepared, Exception) else len(prepared[0])
+        body = len(job.payload) if job.kind is InputKind.JSON else 0
+        return work_units(job.kind, images * MNIST_PIXELS, images, body)
+
+    @staticmethod
+    def _stats(model_images: int, decoded: dict, cpu_start: int, units: int) -> BatchStats:
+        return BatchStats(model_images, **decoded, cpu_ns=time.process_time_ns() - cpu_start, units=units)
 
     def _prepare(self, job: Job):
         """(the model's input, the 28x28 images if asked for), or the RequestError the request ends in."""

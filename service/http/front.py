@@ -98,6 +98,14 @@ class Request:
         if not self.front._authorized(self.scope):
             raise _unauthorized()
 
+    async def work_body(self) -> bytes:
+        """The body of a request for the batcher; a 503 before any of it is read when the queue would refuse
+        every request of its declared size (the connection then closes, lingering, as for any unread body)."""
+        declared = self.headers.get(b"content-length", b"")
+        if refusal := self.core.refuses_unread(int(declared) if declared.isdigit() else 0):
+            raise refusal
+        return await self.body()
+
     async def body(self) -> bytes:
         """The whole body. Memory is counted as it arrives (a declared length reserves nothing: a client that
         declares 32 MiB and sends nothing holds nothing); then the client's disconnect is watched for."""

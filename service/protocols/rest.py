@@ -41,7 +41,7 @@ async def predict(request: Request) -> Response:
     content_type = _require_media_type(request, "multipart/form-data")
     multipart.boundary_of(content_type)  # a missing boundary is a 400 before the body is read
     limit = core.config.max_images_per_request
-    parts = multipart.parse(await request.body(), content_type, "images", limit, FLAGS)
+    parts = multipart.parse(await request.work_body(), content_type, "images", limit, FLAGS)
     files = [part.data for part in parts if part.filename is not None]
     return_input = request.flag("return_input") or any(_flag_value(p) for p in parts if p.filename is None)
     answer = await core.classify(InputKind.ENCODED, files, len(files), return_input, request.call)
@@ -51,7 +51,7 @@ async def predict(request: Request) -> Response:
 async def predict_array(request: Request) -> Response:
     core = request.core
     _require_media_type(request, "application/json")
-    body = await request.body()
+    body = await request.work_body()
     # The body is parsed in a work process; for the queue and batch bounds, count the most images it can hold.
     bound = min(len(body) // MIN_JSON_BYTES_PER_IMAGE, core.config.max_images_per_request)
     answer = await core.classify(InputKind.JSON, body, bound, request.flag("return_input"), request.call)

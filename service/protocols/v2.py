@@ -97,7 +97,7 @@ async def _infer(core: Core, request: Request, spec: ModelSpec) -> Response:
             415, "unsupported", f"inference requests are JSON, optionally followed by binary data; got {kind}"
         )
     header_length = request.headers.get(b"inference-header-content-length")
-    parsed = v2_codec.parse(await request.body(), header_length)
+    parsed = v2_codec.parse(await request.work_body(), header_length)
     name, expected = spec.name, spec.inputs[0].name
     if [t.name for t in parsed.inputs] != [expected]:
         got = [t.name[:80] for t in parsed.inputs[:4]]

@@ -46,6 +46,8 @@ class FakeEngine:
         self.ready = True
         self.calls: list[dict] = []
         self.closed = False
+        self.refusal = None  # what refuses_unread answers: set it to a RequestError to refuse bodies unread
+        self.asked_unread: list[int] = []
 
     async def submit(self, kind, payload, images, want_inputs=False, request_id="", timeline=None) -> Done:
         self.calls.append({"kind": kind, "images": images, "want_inputs": want_inputs, "request_id": request_id})
@@ -60,6 +62,10 @@ class FakeEngine:
         x, seen, asked = model_input(kind, payload, self.config, norm["mean"], norm["std"], declared)
         end = time.time_ns()
         return Done(fake_log_probs(x), seen if want_inputs or asked else None, start, end, end, time.time_ns(), len(x))
+
+    def refuses_unread(self, body_bytes: int):
+        self.asked_unread.append(body_bytes)
+        return self.refusal
 
     def state(self) -> dict:
         return {"processes": 1, "fake": True}
@@ -79,6 +85,7 @@ class Answer:
     headers: dict[str, str]
     body: bytes
     sent: list = field(default_factory=list)
+    unread: int = 0  # pieces of the request's body the app never asked for
 
     def json(self):
         return json.loads(self.body)
@@ -112,10 +119,10 @@ async def call(app, method: str, path: str, body: bytes | list[bytes] = b"", hea
     }
     await app(scope, receive, send)
     if not sent:
-        return Answer(0, {}, b"", sent)
+        return Answer(0, {}, b"", sent, len(chunks))
     start = sent[0]
     names = {k.decode(): v.decode() for k, v in start["headers"]}
-    return Answer(start["status"], names, b"".join(m.get("body", b"") for m in sent[1:]), sent)
+    return Answer(start["status"], names, b"".join(m.get("body", b"") for m in sent[1:]), sent, len(chunks))
 
 
 def run(app, *args, **kwargs) -> Answer:

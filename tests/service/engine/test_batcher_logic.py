@@ -21,8 +21,17 @@ from PIL import Image
 
 from service.config import ServiceConfig
 from service.engine import batcher as batcher_module
-from service.engine.batcher import IMAGE_UNITS, MNIST_PIXELS, START_TRIES, Batcher, Timeline
-from service.engine.messages import BatchDone, BatchStats, Done, InputKind, RuntimeInfo
+from service.engine.batcher import START_TRIES, Batcher, Timeline
+from service.engine.messages import (
+    IMAGE_UNITS,
+    MNIST_PIXELS,
+    BatchDone,
+    BatchStats,
+    Done,
+    InputKind,
+    RuntimeInfo,
+    work_units,
+)
 from service.engine.process import WorkerFailed
 from service.errors import RequestError
 
@@ -73,6 +82,14 @@ def images_of(kind: InputKind, payload) -> np.ndarray:
         except OSError:
             raise RequestError(400, "not_an_image", f"images[{i}] is not an image") from None
     return np.stack(images)
+
+
+def real_pixels(kind: InputKind, payload) -> int:
+    """What a real work process counts: the pixels of the images as decoded, whatever their headers declared."""
+    if kind is InputKind.PIXELS:
+        return len(payload) * MNIST_PIXELS
+    sizes = [Image.open(io.BytesIO(data)).size for data in payload]
+    return sum(w * h for w, h in sizes)
 
 
 class FakeProc:
@@ -126,13 +143,15 @@ class FakeWork:
         farm.clock.now += farm.seconds
         if self.fail is not None:
             raise self.fail
-        prepared, answers = {}, {}
+        prepared, answers, units = {}, {}, 0
         start = farm.clock.time_ns()
         for job in batch.jobs:
             try:
                 prepared[job.id] = images_of(job.kind, job.payload)
             except RequestError as exc:
                 answers[job.id] = exc
+                continue
+            units += work_units(job.kind, real_pixels(job.kind, job.payload), len(prepared[job.id]))
         model_images = sum(map(len, prepared.values()))
         model_start, model_end = farm.clock.time_ns(), farm.clock.time_ns()
         for job in batch.jobs:
@@ -140,7 +159,8 @@ class FakeWork:
                 x = prepared[job.id]
                 inputs = x if job.want_inputs else None
                 answers[job.id] = Done(model(x), inputs, start, model_start, model_start, model_end, model_images)
-        return BatchDone(batch.id, answers, BatchStats(model_images))
+        stats = BatchStats(model_images, cpu_ns=round(farm.seconds * 1e9), units=units)
+        return BatchDone(batch.id, answers, stats)
 
     def close(self, kill: bool = False) -> None:
         self.closed.append(kill)
@@ -215,9 +235,9 @@ def clock(monkeypatch) -> FakeTime:
 
 @pytest.fixture
 def rig(clock):
-    def make(processes: int = 1, **settings) -> Rig:
+    def make(processes: int = 1, express: int = 0, **settings) -> Rig:
         farm, metrics = Farm(clock), Recorder()
-        return Rig(Batcher(farm, processes, ServiceConfig(**settings), metrics), farm, metrics, clock)
+        return Rig(Batcher(farm, processes, ServiceConfig(**settings), metrics, express), farm, metrics, clock)
 
     return make
 
@@ -255,6 +275,12 @@ async def until(predicate, what: str, steps: int = 2000) -> None:
             return
         await asyncio.sleep(0 if step < 50 else 0.005)
     pytest.fail(f"never happened: {what}")
+
+
+async def settled() -> None:
+    """Every task started so far has run up to its first wait (a batch handed to a fake process is seen)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def busy(r: Rig) -> asyncio.Event:
@@ -974,6 +1000,143 @@ def test_an_instant_crash_does_not_talk_the_price_down(rig):
     assert after >= learned
 
 
+def avif(side: int) -> bytes:
+    """A real AVIF file: a format whose header the batcher does not read, so it is priced as the largest image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), 200, dtype=np.uint8), mode="L").save(buf, format="AVIF")
+    return buf.getvalue()
+
+
+def test_the_price_cannot_be_talked_down_by_what_headers_declare(rig):
+    """Tiny AVIF digits, each priced as 25 megapixels before it runs, and each costing what a tiny image costs:
+    the price is learned from the pixels really decoded and the CPU time really spent, so it stays put."""
+    r = rig(max_queue_s=1e9)
+    r.farm.seconds = ONE_PIXEL_IMAGE * 1e-8  # an array image: 0.66 ms of CPU
+
+    async def scenario():
+        await r.batcher.submit(InputKind.PIXELS, pixels(1), 1)
+        learned = r.batcher.seconds_per_unit
+        tiny = avif(8)
+        for _ in range(50):
+            await r.batcher.submit(InputKind.ENCODED, [tiny], 1)
+        return learned, r.batcher.seconds_per_unit
+
+    learned, after = run(scenario())
+    assert learned == pytest.approx(1e-8)
+    assert r.farm.batches[-1].jobs[0].declared == (25_000_000,)  # priced as the largest image before it ran
+    assert after == pytest.approx(1e-8 * ONE_PIXEL_IMAGE / work_units(InputKind.ENCODED, 64, 1))  # 8x8 pixels
+    assert after > 0.9 * learned  # where the declared 25 megapixels would have made it 380 times cheaper
+
+
+def test_the_price_is_cpu_time_not_the_time_a_batch_took(rig):
+    """A batch that took 10 s on the clock (the cores busy with other things) but 1 ms of its process's CPU."""
+    r = rig()
+    r.farm.seconds = 1e-3
+
+    async def scenario():
+        async def slow_clock(batch, run=r.farm.made[0].run):
+            r.farm.clock.now += 10.0
+            return await run(batch)
+
+        r.farm.made[0].run = slow_clock
+        await r.batcher.submit(InputKind.PIXELS, pixels(1), 1)
+        return r.batcher.seconds_per_unit
+
+    assert run(scenario()) == pytest.approx(1e-3 / ONE_PIXEL_IMAGE)
+
+
+LONG = 400  # array images: 26.5 million units, 0.27 s at 1e-8 s a unit, past EXPRESS_AFTER_S
+
+
+@pytest.mark.parametrize("first, goes_express", [(LONG, True), (1, False)], ids=["behind a long batch", "short"])
+def test_a_small_request_goes_to_the_express_process_only_behind_a_long_batch(rig, first, goes_express):
+    r = rig(processes=1, express=1)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        hold = busy(r)
+        long = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(first), first))
+        small = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        await settled()
+        seen = [(b.pid, len(b.jobs[0].payload)) for b in r.farm.batches]
+        hold.set()
+        await asyncio.gather(long, small)
+        return seen
+
+    seen = run(scenario())
+    normal, express = (work.proc.pid for work in r.farm.made)
+    if goes_express:
+        assert seen == [(normal, first), (express, 1)] and r.batcher.counters.express == 1
+    else:  # the small request waits for the normal process, as it would with no express process
+        assert seen == [(normal, first)] and r.batcher.counters.express == 0
+        assert [b.pid for b in r.farm.batches] == [normal, normal]
+
+
+def test_the_express_process_takes_small_requests_only_and_from_anywhere_in_the_queue(rig):
+    r = rig(processes=1, express=1, max_queue_s=1e9)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        hold = busy(r)
+        tasks = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))]
+        tasks.append(await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG)))  # queues: large
+        tasks.append(await submitted(r.batcher.submit(InputKind.PIXELS, pixels(2), 2)))  # behind it, small
+        await settled()
+        seen = [(b.pid, len(b.jobs)) for b in r.farm.batches]
+        queued = [p.images for p in r.batcher.queue]
+        hold.set()
+        await asyncio.gather(*tasks)
+        return seen, queued
+
+    (seen, queued) = run(scenario())
+    normal, express = (work.proc.pid for work in r.farm.made)
+    assert seen == [(normal, 1), (express, 1)] and queued == [LONG]  # the large one kept its place
+    assert r.farm.batch_sizes()[1] == [2]
+
+
+def test_small_requests_are_admitted_past_the_bound_that_large_ones_meet(rig):
+    r = rig(processes=1, express=1, max_queue_s=0.4, retry_after_s=1)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        hold = busy(r)
+        long = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))
+        large = await refused_at_once(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))  # 0.53 s > 0.4
+        unread = r.batcher.refuses_unread(1000)
+        small = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        hold.set()
+        return large, unread, await asyncio.gather(long, small)
+
+    large, unread, answers = run(scenario())
+    assert large.reason == "overloaded" and unread is None and len(answers) == 2
+
+
+@pytest.mark.parametrize("express", [0, 1])
+def test_a_body_is_refused_unread_when_no_request_of_its_size_could_be_admitted(rig, express):
+    r = rig(processes=1, express=express, max_queue_s=0.4, max_queue_images=500, retry_after_s=1)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        assert r.batcher.refuses_unread(10**9) is None  # an idle worker admits anything
+        hold = busy(r)
+        first = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))
+        # 26.5 million units are queued, 0.27 s: a body of 20 million bytes would bring any request past 0.4 s
+        verdicts = [r.batcher.refuses_unread(n) for n in (1000, 20_000_000)]
+        second = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(99), 99))
+        verdicts.append(r.batcher.refuses_unread(1000))  # 499 images queued: one more is the 500 allowed
+        third = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        verdicts.append(r.batcher.refuses_unread(1000))  # 500: none more
+        hold.set()
+        await asyncio.gather(first, second, third)
+        return verdicts
+
+    small, big, at_limit, full = run(scenario())
+    assert small is None and at_limit is None
+    assert full.reason == "overloaded" and "500 images are queued" in full.message
+    assert big.reason == "overloaded" and big.retry_after >= 1  # not small: bounded by all the work queued
+    assert r.batcher.counters.refused == 0  # asking is not refusing
+
+
 # ---- state and life cycle -------------------------------------------------------------------------------------
 def test_state_while_busy(rig):
     r = rig()
@@ -992,13 +1155,22 @@ def test_state_while_busy(rig):
     units = 2 * ONE_PIXEL_IMAGE + 400 + IMAGE_UNITS
     assert state == {
         "processes": 1,
+        "express_processes": 0,
         "busy_processes": 1,
         "queued_requests": 1,
         "admitted_images": 3,
         "admitted_units": units,
         "queued_seconds": round(units * 1e-6, 3),
         "seconds_per_unit": 1e-6,
-        "counters": {"batches": 1, "at_once": 1, "queued": 1, "refused": 0, "abandoned": 0, "restarts": 0},
+        "counters": {
+            "batches": 1,
+            "at_once": 1,
+            "queued": 1,
+            "refused": 0,
+            "express": 0,
+            "abandoned": 0,
+            "restarts": 0,
+        },
     }
 
 
@@ -1006,13 +1178,22 @@ def test_a_fresh_batcher(rig):
     r = rig(processes=3)
     assert r.batcher.state() == {
         "processes": 3,
+        "express_processes": 0,
         "busy_processes": 0,
         "queued_requests": 0,
         "admitted_images": 0,
         "admitted_units": 0,
         "queued_seconds": 0.0,
         "seconds_per_unit": 0.0,
-        "counters": {"batches": 0, "at_once": 0, "queued": 0, "refused": 0, "abandoned": 0, "restarts": 0},
+        "counters": {
+            "batches": 0,
+            "at_once": 0,
+            "queued": 0,
+            "refused": 0,
+            "express": 0,
+            "abandoned": 0,
+            "restarts": 0,
+        },
     }
     assert r.batcher.ready and r.batcher.info is INFO and len(r.farm.made) == 3
 

@@ -13,6 +13,7 @@ from PIL import Image
 from service.config import ServiceConfig
 from service.engine import work as work_module
 from service.engine.messages import (
+    JSON_BYTE_UNITS,
     Batch,
     BatchDone,
     BatchStats,
@@ -25,6 +26,7 @@ from service.engine.messages import (
     RuntimeInfo,
     receive,
     send,
+    work_units,
 )
 from service.engine.work import Work, serve
 from service.errors import RequestError
@@ -192,7 +194,26 @@ def test_only_bad_jobs_means_no_model_call():
     done = w.run(Batch(4, [bad_job(1), bad_job(2)]))
     assert w.runtime.calls == []
     assert all(isinstance(done.answers[i], RequestError) for i in (1, 2))
-    assert done.stats == BatchStats(0, 0, 0)
+    assert done.stats == BatchStats(0, 0, 0, done.stats.cpu_ns, 2 * len(b"{not json") * JSON_BYTE_UNITS)
+
+
+def test_a_batch_reports_the_work_it_really_did_and_its_cpu_time():
+    """What the batcher learns its price from: the pixels Pillow found (not what the batcher was told a header
+    declared: an AVIF, which the batcher cannot read, is priced as the largest image), per image a fixed cost,
+    a JSON body's bytes, and the CPU time of the whole batch."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(buf, format="AVIF")
+    avif = Job(1, InputKind.ENCODED, [buf.getvalue()], False, (25_000_000,))
+    body = json_job(3, 2).payload
+    done = make_work().run(Batch(1, [avif, encoded_job(2, 2), json_job(3, 2), pixels_job(4, 3)]))
+    assert all(isinstance(done.answers[i], Done) for i in (1, 2, 3, 4))
+    expected = (
+        work_units(InputKind.ENCODED, 64, 1)
+        + work_units(InputKind.ENCODED, 2 * PIXELS, 2)
+        + work_units(InputKind.JSON, 2 * PIXELS, 2, len(body))
+        + work_units(InputKind.PIXELS, 3 * PIXELS, 3)
+    )
+    assert done.stats.units == expected and done.stats.cpu_ns > 0
 
 
 def test_an_empty_batch():

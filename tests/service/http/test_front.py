@@ -101,6 +101,33 @@ def test_return_input_by_query_or_by_form_field(how):
     assert image.shape == (28, 28) and 0 <= image.min() and image.max() <= 1
 
 
+@pytest.mark.parametrize(
+    "path, headers, body",
+    [
+        ("/predict", [MULTIPART], multipart(png(), png())),
+        ("/predict_array", [JSON], json.dumps({"images": [[[0.0] * 28] * 28]}).encode()),
+        ("/v2/models/mnist/infer", [JSON], b'{"inputs": []}'),
+    ],
+)
+def test_a_full_queue_refuses_a_body_before_reading_it(path, headers, body):
+    """The queue's state and the Content-Length decide it: 503 with Retry-After, and the connection closes
+    (lingering: service/http/uvicorn_glue.py) instead of the body being read to be thrown away."""
+    from service.errors import overloaded
+
+    app = front()
+    app.core.engine.refusal = overloaded("this worker has about 9.0 s of work queued and the limit is 5 s", 5)
+    headers = [*headers, ("content-length", str(len(body)))]
+
+    answer = run(app, "POST", path, [body[:10], body[10:]], headers)
+
+    assert answer.status == 503 and answer.headers["retry-after"] == "5"
+    assert answer.headers["connection"] == "close" and "9.0 s of work queued" in answer.json()["error"]
+    assert answer.unread == 2 and app.core.engine.asked_unread == [len(body)]
+    assert app.core.engine.calls == []
+    app.core.engine.refusal = None
+    assert run(app, "POST", path, body, headers).status in (200, 400)  # read and served once there is room
+
+
 def test_predict_array_and_its_return_input_in_the_body():
     app = front()
     body = json.dumps({"images": [[[0.0] * 28] * 28], "return_input": True}).encode()

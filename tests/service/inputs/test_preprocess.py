@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import workloads
 from service.inputs.preprocess import (
     MAX_PIXELS,
     ImageError,
@@ -16,7 +17,6 @@ from service.inputs.preprocess import (
     mnist_style,
     normalize,
 )
-from bench import workloads
 from tests.conftest import BOOK_IMAGE
 from tests.service import realistic
 from tests.service.conftest import png_bytes
