@@ -144,6 +144,14 @@ class ServiceConfig:
         status=503,
     )
     retry_after_s: int = setting("MNIST_RETRY_AFTER_S", 1, "the Retry-After of every 503")
+    refusal_hold_s: float = setting(
+        "MNIST_REFUSAL_HOLD_S",
+        0.5,
+        "an overload 503 is sent after this long: clients that resend at once are paced to one try per connection "
+        "per hold instead of spending the cores on refusals (nothing of the request is held meanwhile)",
+        minimum=0,
+        maximum=60,
+    )
     drain_s: float = setting(
         "MNIST_DRAIN_S",
         10.0,

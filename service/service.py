@@ -125,7 +125,10 @@ class MNISTClassifier:
         gc.collect()
         gc.freeze()
         runtime = self.core.runtime
-        log.info("loaded %s (%s on %s, %d work processes)", tag, runtime.runtime, runtime.device, CONFIG.work_procs)
+        procs, express = CONFIG.work_procs, CONFIG.express_procs
+        log.info(
+            "loaded %s (%s on %s, %d work processes, %d express)", tag, runtime.runtime, runtime.device, procs, express
+        )
 
     def __is_ready__(self) -> bool:
         return self.core.ready

@@ -80,7 +80,7 @@ class Batcher:
         self.info = self.processes[0].info  # what the work processes loaded (every one loads the same files)
         self.idle: deque[WorkProcess] = deque(self.processes[:processes])
         self.idle_express: deque[WorkProcess] = deque(self.processes[processes:])
-        self.running: dict[WorkProcess, float] = {}  # busy process -> its batch's estimated seconds
+        self.running: dict[WorkProcess, int] = {}  # busy process -> its batch's units
         self.queue: deque[Pending] = deque()
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
         self.admitted_units = 0  # and their estimated work (see the module's docstring)
@@ -130,7 +130,7 @@ class Batcher:
             declared = tuple(declared_pixels(data, self.config.max_image_pixels) for data in payload)
         pixels = images * MNIST_PIXELS if declared is None else sum(declared)
         units = work_units(kind, pixels, images, len(payload) if kind is InputKind.JSON else 0)
-        small = bool(self.express) and units * self.seconds_per_unit <= EXPRESS_MAX_S
+        small = self._small(units)
         self._admit(images, units, small)
         future = asyncio.get_running_loop().create_future()
         job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
@@ -157,12 +157,15 @@ class Batcher:
         (None when one might be admitted): the cheapest such request has one 28x28 image and parses a byte of its
         body for at least the price of a pixel."""
         units = work_units(InputKind.PIXELS, MNIST_PIXELS + body_bytes, 1)
-        small = bool(self.express) and units * self.seconds_per_unit <= EXPRESS_MAX_S
         try:
-            self._admit(1, units, small, count=False)
+            self._admit(1, units, self._small(units), count=False)
         except RequestError as exc:
             return exc
         return None
+
+    def _small(self, units: int) -> bool:
+        """Whether express processes may take this much work: known to be small once a price is learned."""
+        return bool(self.express) and 0 < units * self.seconds_per_unit <= EXPRESS_MAX_S
 
     def _normal(self) -> int:
         return max(1, len(self.processes) - len(self.express))
@@ -209,10 +212,10 @@ class Batcher:
         if self.idle:
             return False
         others = (p for p in self.processes if p not in self.express)
-        return all(self.running.get(p, 0.0) >= EXPRESS_AFTER_S for p in others)
+        return all(self.running.get(p, 0) * self.seconds_per_unit >= EXPRESS_AFTER_S for p in others)
 
     def _start(self, process: WorkProcess, batch: list[Pending]) -> None:
-        self.running[process] = sum(p.units for p in batch) * self.seconds_per_unit
+        self.running[process] = sum(p.units for p in batch)
         task = asyncio.get_running_loop().create_task(self._run(process, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -232,7 +235,7 @@ class Batcher:
                 if self.metrics is not None:
                     self.metrics.abandoned.inc()
                 continue
-            if small_only and not pending.small:
+            if small_only and not self._small(pending.units):
                 skipped.append(self.queue.popleft())
                 continue
             full = images + pending.images > self.config.max_batch_size

@@ -234,7 +234,7 @@ class Frontend:
         call = request.call
         if self.tracing is not None:
             call.span = self.tracing.start(scope["method"], template, request.headers, call.request_id)
-        reason = None
+        reason, hold = None, False
         try:
             if scope["method"] not in route.methods and route is not NOT_FOUND:
                 allow = ", ".join(route.methods)
@@ -246,6 +246,7 @@ class Frontend:
             reason = exc.reason
             metrics(self.config.max_batch_size).rejected.labels(exc.reason).inc()
             response = error_response(exc, call.request_id)
+            hold = exc.reason == "overloaded" and not LIFECYCLE.draining
         except ClientGone:
             self._end_span(call, 499, "gone")
             return
@@ -264,6 +265,8 @@ class Frontend:
             self.inflight_bytes -= request.reserved
             if request.size >= linux.LARGE:
                 self._schedule_release()
+        if hold and self.config.refusal_hold_s:  # the body was let go, or never read: only a socket waits
+            await asyncio.sleep(self.config.refusal_hold_s)
         response.headers.append((b"x-request-id", call.request_id.encode()))
         await self._send(response, send, close=request.unread_body or LIFECYCLE.draining)
         seconds = time.perf_counter() - started

@@ -128,6 +128,31 @@ def test_a_full_queue_refuses_a_body_before_reading_it(path, headers, body):
     assert run(app, "POST", path, body, headers).status in (200, 400)  # read and served once there is room
 
 
+@pytest.mark.parametrize("refusal", ["overloaded", "not_an_image"])
+def test_an_overload_refusal_is_held_before_it_is_sent_and_other_errors_are_not(refusal):
+    """A client that resends at once gets one try per hold; any other error is answered at once."""
+    from service.errors import RequestError, overloaded
+
+    app = front(refusal_hold_s=30)
+    error = overloaded("full", 1) if refusal == "overloaded" else RequestError(400, "not_an_image", "bad")
+    app.core.engine.refusal = error
+    body = multipart(png())
+    headers = [MULTIPART, ("content-length", str(len(body)))]
+
+    async def scenario():
+        task = asyncio.ensure_future(call(app, "POST", "/predict", body, headers))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        answered = task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return answered
+
+    assert asyncio.run(scenario()) is (refusal != "overloaded")
+    assert app.inflight_bytes == 0  # nothing of the request is held while its refusal waits
+
+
 def test_predict_array_and_its_return_input_in_the_body():
     app = front()
     body = json.dumps({"images": [[[0.0] * 28] * 28], "return_input": True}).encode()
