@@ -107,13 +107,13 @@ class Work:
         answers, ready, decoded_before, pixels_before = {}, [], Counts.decoded_images, Counts.decoded_pixels
         units = 0
         for job in batch.jobs:
-            start, pixels, images = time.time_ns(), Counts.decoded_pixels, Counts.decoded_images
+            start, pixels, images = time.time_ns(), Counts.loaded_pixels, Counts.loaded_images
             prepared = self._prepare(job)
             if isinstance(prepared, Exception):
                 answers[job.id] = prepared
             else:
                 ready.append((job, *prepared, start, time.time_ns()))
-            units += self._units(job, prepared, Counts.decoded_pixels - pixels, Counts.decoded_images - images)
+            units += self._units(job, prepared, Counts.loaded_pixels - pixels, Counts.loaded_images - images)
         decoded = {
             "decoded_images": Counts.decoded_images - decoded_before,
             "decoded_pixels": Counts.decoded_pixels - pixels_before,
@@ -140,11 +140,12 @@ class Work:
         return BatchDone(batch.id, answers, stats)
 
     @staticmethod
-    def _units(job: Job, prepared, decoded_pixels: int, decoded_images: int) -> int:
-        """The work a request really did, whatever its headers declared: the pixels Pillow found in its files
-        (an unreadable header is priced at the maximum until then), or its arrays; and its JSON."""
+    def _units(job: Job, prepared, loaded_pixels: int, loaded_images: int) -> int:
+        """The work a request really did, whatever its headers declared: the pixels of the files it decoded in
+        full (the batcher priced a header it could not read at the maximum; a truncated file did no such work),
+        or its arrays; and its JSON."""
         if job.kind is InputKind.ENCODED:
-            return work_units(job.kind, decoded_pixels, decoded_images)
+            return work_units(job.kind, loaded_pixels, loaded_images)
         images = 0 if isinstance(prepared, Exception) else len(prepared[0])
         body = len(job.payload) if job.kind is InputKind.JSON else 0
         return work_units(job.kind, images * MNIST_PIXELS, images, body)

@@ -29,6 +29,9 @@ class Counts:
 
     decoded_images = 0
     decoded_pixels = 0
+    # what was decoded in full: the work a request really did (a truncated file declaring 25 megapixels did none)
+    loaded_images = 0
+    loaded_pixels = 0
 
 
 def checked_network_input(payload: np.ndarray, limits) -> np.ndarray:
@@ -73,9 +76,12 @@ def encoded_to_mnist(files: list[bytes], limits, declared: tuple[int, ...] | Non
 
 
 def _image_to_mnist(img, name: str) -> np.ndarray:
+    pixels = img.width * img.height
     Counts.decoded_images += 1
-    Counts.decoded_pixels += img.width * img.height
+    Counts.decoded_pixels += pixels
     img = load_image(img, name)
+    Counts.loaded_images += 1
+    Counts.loaded_pixels += pixels
     try:
         gray = to_gray(img)
     except Exception as exc:  # noqa: BLE001 - a mode conversion of a hostile file: still the file's fault

@@ -20,7 +20,12 @@ LIMITS = ServiceConfig()
 HEY_OUTPUT = """
 Summary:
   Total:\t8.0213 secs
+  Slowest:\t2.5000 secs
   Requests/sec:\t1234.5
+
+Latency distribution:
+  50% in 0.0100 secs
+  99% in 1.2500 secs
 
 Status code distribution:
   [200]\t812 responses
@@ -37,6 +42,7 @@ Error distribution:
 def test_parse_hey_counts_statuses_and_errors_without_their_ports():
     parsed = overload.parse_hey(HEY_OUTPUT)
     assert parsed["seconds"] == pytest.approx(8.0213)
+    assert parsed["p99_s"] == pytest.approx(1.25) and parsed["slowest_s"] == pytest.approx(2.5)
     assert parsed["statuses"] == {"200": 812, "503": 9000}
     assert parsed["errors"] == {
         "connection reset by peer": 5,
@@ -46,20 +52,25 @@ def test_parse_hey_counts_statuses_and_errors_without_their_ports():
     assert overload.images_per_s(parsed, 64) == pytest.approx(812 * 64 / 8.0213)
 
 
+def test_parse_hey_takes_the_slowest_for_p99_under_100_answers():
+    parsed = overload.parse_hey(HEY_OUTPUT.replace("  99% in 1.2500 secs\n", ""))
+    assert parsed["p99_s"] == parsed["slowest_s"] == pytest.approx(2.5)
+
+
 def test_parse_hey_without_errors_or_answers():
     parsed = overload.parse_hey("Summary:\n  Total:\t1.0 secs\n\nStatus code distribution:\n")
-    assert parsed == {"seconds": 1.0, "statuses": {}, "errors": {}}
+    assert parsed == {"seconds": 1.0, "statuses": {}, "errors": {}, "p99_s": None, "slowest_s": None}
     assert overload.images_per_s(parsed, 64) == 0
 
 
 @pytest.mark.parametrize(
     ("points", "expected"),
     [
-        ([(1, 100.0), (2, 190.0), (4, 199.0)], 2),  # 4 clients add under 5%: saturated at 2
+        ([(1, 100.0), (2, 190.0), (4, 199.0), (8, 180.0)], 2),  # within 5% of the best at 2 clients
         ([(1, 100.0), (2, 190.0), (4, 240.0), (8, 230.0)], 4),
-        ([(1, 100.0), (2, 90.0)], 1),
-        ([(1, 100.0), (2, 190.0)], None),  # still rising
-        ([(1, 100.0)], None),
+        ([(1, 100.0), (2, 60.0), (4, 210.0), (8, 220.0)], 4),  # a window that came out low does not stop it
+        ([(1, 100.0), (2, 190.0)], 2),  # still rising: the largest count
+        ([(1, 0.0), (2, 0.0)], 1),
     ],
 )
 def test_saturation_point(points, expected):
@@ -161,6 +172,7 @@ def _probe(ok_share: float, p99: float) -> dict:
 
 def test_report_states_each_target():
     hey = {"clients": 64, "seconds": 8.0, "statuses": {"200": 100, "503": 5}, "errors": {}, "images_per_s": 900.0}
+    hey |= {"p99_s": 2.0, "slowest_s": 3.0, "cpu_s": 0.8}
     goodput = {"kind": "bulk28", "body_bytes": 2**20, "sweep": [{**hey, "clients": 4, "images_per_s": 1000.0}]}
     goodput |= {"saturation_clients": 4, "saturation_images_per_s": 1000.0, "overload": hey, "ratio": 0.9}
     goodput |= {"livez": _probe(1.0, 1.5), "lone": _probe(0.5, 0.2)}
@@ -170,3 +182,4 @@ def test_report_states_each_target():
     assert "90% of saturation (target at least 90%: met); /livez max 1.50 s" in text
     assert "(target all within 1 s: **not met**); the lone client still answered: yes (50%)" in text
     assert "96% answered with 200 (target at least 95%: met), p99 0.90 s (target at most 1 s: met)" in text
+    assert "| 10% of a core |" in text

@@ -32,6 +32,7 @@ from service.engine.work import Work, serve
 from service.errors import RequestError
 from service.inputs.preprocess import DIGIT_BOX, MNIST_SIDE
 from service.model.files import ModelFileError
+from tests.service.conftest import big_png
 from training.data import Normalization
 
 NORM = Normalization()
@@ -214,6 +215,15 @@ def test_a_batch_reports_the_work_it_really_did_and_its_cpu_time():
         + work_units(InputKind.PIXELS, 3 * PIXELS, 3)
     )
     assert done.stats.units == expected and done.stats.cpu_ns > 0
+
+
+def test_a_file_that_fails_to_decode_did_no_work():
+    """A truncated PNG whose header says 25 megapixels: Pillow opens it at that size, then finds no pixel data.
+    Counting its header's pixels as work done would teach the batcher that 25 megapixels cost nothing."""
+    truncated = big_png(5000)[:64]
+    done = make_work().run(Batch(1, [Job(1, InputKind.ENCODED, [truncated], False, (25_000_000,))]))
+    assert done.answers[1].status == 400
+    assert done.stats.units == 0 and done.stats.decoded_pixels == 25_000_000  # tried, not done
 
 
 def test_an_empty_batch():
