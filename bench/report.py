@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from bench import overload as ov
+
 
 def markdown(result: dict) -> str:
     out = [
@@ -145,6 +147,7 @@ def http_sections(result: dict) -> list[str]:
             f"{o['requests_per_s']:,.0f} req/s. A lone client: {o['lone_before_ms']:.1f} ms before, "
             f"{o['lone_after_5s_ms']:.1f} ms 5 s after the load stopped."
         )
+    out += overload_sections(h)
     if m := h.get("memory"):
         out.append(
             f"\nMemory: the service's RSS (all processes) was {m['rss_mb_before']:.0f} MiB before and "
@@ -154,6 +157,97 @@ def http_sections(result: dict) -> list[str]:
                 if m.get("rss_mb_samples")
                 else "."
             )
+        )
+    return out
+
+
+def _answers(counts: dict) -> str:
+    return ", ".join(f"{n:,} x {what}" for what, n in sorted(counts.items())) or "none"
+
+
+def _lone(s: dict) -> str:
+    return f"{s['ok_share']:.0%} of {s['requests']} ({_answers(s['outcomes'])}), p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s"
+
+
+def _livez(s: dict) -> str:
+    return f"{s['p50_s'] * 1000:.0f} / {s['max_s'] * 1000:.0f} ms"
+
+
+def _cpu(load: dict) -> str:
+    """The load generator's own CPU, as a share of one core over its run."""
+    return f"{load['cpu_s'] / load['seconds']:.0%} of a core"
+
+
+def _livez_met(s: dict) -> bool:
+    return s["requests"] > 0 and s["ok_share"] == 1 and s["max_s"] <= ov.LIVEZ_MAX_S
+
+
+def _table(header: str) -> list[str]:
+    """A Markdown table's head from its column names, separated by " | "."""
+    return [f"| {header} |", "|" + " --- |" * len(header.split(" | "))]
+
+
+def overload_sections(h: dict) -> list[str]:
+    """The rows of bench/overload.py: overload goodput per body kind, and fairness under hog clients."""
+    return _goodput_section(h.get("overload_goodput") or []) + _fairness_section(h.get("fairness") or [])
+
+
+def _goodput_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        f"\n### Overload goodput: {ov.IMAGES} images per request, {ov.OVERLOAD_FACTOR}x the clients of saturation, "
+        "each resending at once when refused (hey)\n",
+        "Goodput: images answered with 200 per second. Saturation: the fewest clients of the sweep whose goodput is "
+        "within 5% of its best; the overload's goodput is compared with that best. During the overload window a /livez "
+        f"probe every {ov.LIVEZ_EVERY_S} s and a lone client (one 28x28 PNG every {ov.LONE_EVERY_S} s, "
+        f"timeout {ov.LONE_TIMEOUT_S:g} s; latency over all its requests).\n",
+    ]
+    out += _table(
+        "body | sweep (clients: images/s) | saturation | overload | images/s | ratio | answers | connection errors | hey's CPU | /livez p50 / max | lone client 200s"
+    )
+    for r in rows:
+        o, sweep = r["overload"], ", ".join(f"{s['clients']}: {s['images_per_s']:,.0f}" for s in r["sweep"])
+        out.append(
+            f"| {r['kind']} ({r['body_bytes'] / 2**20:.2f} MiB) | {sweep} | {r['saturation_clients']} clients, {r['saturation_images_per_s']:,.0f} | "
+            f"{o['clients']} clients | {o['images_per_s']:,.0f} | {r['ratio']:.0%} | {_answers(o['statuses'])} | {_answers(o['errors'])} | "
+            f"{_cpu(o)} | {_livez(r['livez'])} | {_lone(r['lone'])} |"
+        )
+    out.append("")
+    for r in rows:
+        out.append(
+            f"- **{r['kind']}**: overload goodput {r['ratio']:.0%} of saturation (target at least {ov.GOODPUT_RATIO:.0%}: "
+            f"{_met(r['ratio'] >= ov.GOODPUT_RATIO)}); /livez max {r['livez']['max_s']:.2f} s, {r['livez']['ok_share']:.0%} answered "
+            f"(target all within {ov.LIVEZ_MAX_S:g} s: {_met(_livez_met(r['livez']))}); the lone client still answered: "
+            f"{'yes' if r['lone']['ok_share'] > 0 else '**no**'} ({r['lone']['ok_share']:.0%})."
+        )
+    return out
+
+
+def _fairness_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        "\n### Fairness under saturation: hog clients resending at once (hey), a lone client beside them\n",
+        f"The lone client sends one 28x28 digit every {ov.LONE_EVERY_S} s to the hogs' path (a PNG to /predict, a JSON "
+        f"array to /predict_array), timeout {ov.LONE_TIMEOUT_S:g} s; its latency is over all its requests.\n",
+    ]
+    out += _table(
+        "hogs | each request | hogs' answers | hogs' p99 / slowest | hogs' connection errors | hey's CPU | lone client 200s | /livez p50 / max"
+    )
+    for r in rows:
+        hg = r["hogs"]
+        out.append(
+            f"| {hg['clients']} x {r['path']} | {r['what']}, {r['body_bytes'] / 2**20:.1f} MiB | {_answers(hg['statuses'])} in {hg['seconds']:.0f} s | "
+            f"{hg['p99_s']:.1f} / {hg['slowest_s']:.1f} s | {_answers(hg['errors'])} | {_cpu(hg)} | {_lone(r['lone'])} | {_livez(r['livez'])} |"
+        )
+    out.append("")
+    for r in rows:
+        lone = r["lone"]
+        out.append(
+            f"- **{r['hog']}**: the lone client got {lone['ok_share']:.0%} answered with 200 (target at least {ov.LONE_SHARE:.0%}: "
+            f"{_met(lone['ok_share'] >= ov.LONE_SHARE)}), p99 {lone['p99_s']:.2f} s (target at most {ov.LONE_P99_S:g} s: "
+            f"{_met(lone['p99_s'] <= ov.LONE_P99_S)}); /livez all within {ov.LIVEZ_MAX_S:g} s: {_met(_livez_met(r['livez']))}."
         )
     return out
 

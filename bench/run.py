@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench import http, inference, stress, train_speed
+from bench import http, inference, overload, stress, train_speed
 from training.data import DataError, Normalization, load_mnist, resolve_data_dir, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +48,12 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
         f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
     )
+
+
+def default_checkpoint() -> str:
+    """artifacts/convnet.pt (make train), else the book's weights."""
+    ours = REPO / "artifacts" / "convnet.pt"
+    return str(ours if ours.is_file() else BOOK)
 
 
 def measure_memory(server: http.Server, body: bytes, ctype: str, seconds: int) -> dict:
@@ -79,7 +85,7 @@ def run_http(cfg: dict, checkpoint: str, home: str, export_dir: Path, images: np
     one["bento-noop"] = ("/noop", *http.NOOP_REQUEST)
     multi = [n for n in ["bento", *peers] if getattr(known[n], "multi_image", True)]
     rows, extra = [], {}
-    steps = len(cfg["concurrency"]) * 2 + 2
+    steps = len(cfg["concurrency"]) * 2 + 3
     bar = tqdm(total=steps, desc="http", unit="step", disable=None)
     with contextlib.ExitStack() as stack:
         live = {name: stack.enter_context(known[name]) for name in names}
@@ -100,6 +106,8 @@ def run_http(cfg: dict, checkpoint: str, home: str, export_dir: Path, images: np
             url = live["bento"].url + "/predict"
             extra["burst"] = stress.burst_recovery(url, one_png, ctype1, seconds=cfg["burst_s"])
             extra["overload"] = stress.overload(url, one_png, ctype1, seconds=cfg["overload_s"])
+            bar.update()
+            extra.update(overload.run_all(live["bento"].url, cfg["goodput_fairness_s"]))  # goodput and fairness
             extra["memory"] = measure_memory(live["bento"], one_png, ctype1, cfg["memory_s"])
             bar.update()
     bar.close()
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_s": 10,
             "burst_s": 5,
             "overload_s": 5,
+            "goodput_fairness_s": 4,
             "train_limit": 10_000,
             "train_rounds": 2,
             "inf_windows": 3,
@@ -161,15 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             "memory_s": 60,
             "burst_s": 15,
             "overload_s": 10,
+            "goodput_fairness_s": 15,
             "train_limit": None,
             "train_rounds": 3,
             "inf_windows": 5,
             "inf_window_s": 0.5,
         }
     )
-    checkpoint = args.checkpoint or str(
-        REPO / "artifacts" / "convnet.pt" if (REPO / "artifacts" / "convnet.pt").is_file() else BOOK
-    )
+    checkpoint = args.checkpoint or default_checkpoint()
     started = time.perf_counter()
     result = {
         "machine": machine(),

@@ -68,9 +68,10 @@ def test_parse_hey_without_errors_or_answers():
     [
         ([(1, 100.0), (2, 190.0), (4, 199.0), (8, 180.0)], 2),  # within 5% of the best at 2 clients
         ([(1, 100.0), (2, 190.0), (4, 240.0), (8, 230.0)], 4),
-        ([(1, 100.0), (2, 60.0), (4, 210.0), (8, 220.0)], 4),  # a window that came out low does not stop it
+        ([(1, 100.0), (2, 60.0), (4, 210.0), (8, 220.0)], 4),  # a dip at 2 clients is not saturation
         ([(1, 100.0), (2, 190.0)], 2),  # still rising: the largest count
         ([(1, 0.0), (2, 0.0)], 1),
+        ([(4, 10.0)], 4),
     ],
 )
 def test_saturation_point(points, expected):
