@@ -85,9 +85,10 @@ class ServiceConfig:
     max_queue_s: float = setting(
         "MNIST_MAX_QUEUE_S",
         5.0,
-        "the work a worker has queued, in estimated seconds (the pixels its images declare, plus a fixed cost "
-        "per image, x the recent time per unit); past it, 503 with a Retry-After of that estimate, so that after a "
-        "burst the queue is at most this deep",
+        "the work a worker has queued, in estimated seconds (the pixels its images declare, a fixed cost per image "
+        "and a JSON body's bytes, x the CPU time per unit recent batches really took); past it, 503 with a "
+        "Retry-After of that estimate, so that after a burst the queue is at most this deep (small requests, "
+        "where express processes take them, are bounded by the small work queued)",
         status=503,
     )
     work_timeout_s: float = setting(

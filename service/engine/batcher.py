@@ -35,6 +35,10 @@ log = logging.getLogger("service.engine")
 START_TRIES = 3  # failed starts of a replacement before requests stop waiting for it
 EXPRESS_MAX_S = 0.02  # a request estimated at most this long may go to an express process
 EXPRESS_AFTER_S = 0.25  # ... once every other process runs a batch estimated at least this long
+# Past the bound in seconds, a request this many times smaller than the average admitted one may still come in, up
+# to this share of the bound in all: a lone small request is not shut out by a crowd of large ones resending at once
+FAR_SMALLER = 8
+OVERDRAFT_SHARE = 0.2
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Pending:
     timeline: Timeline | None = None
     at_once: bool = False
     small: bool = False  # an express process may take it
+    overdraft: bool = False  # admitted past the bound in seconds, being far smaller than the requests queued
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Batcher:
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
         self.admitted_units = 0  # and their estimated work (see the module's docstring)
         self.small_units = 0  # the part of it an express process may take
+        self.overdraft_units = 0  # the part of it admitted past the bound (FAR_SMALLER)
+        self.requests = 0  # requests admitted and not answered yet
         self.seconds_per_unit = 0.0  # CPU seconds: a moving average over recent batches
         self.counters = Counters()
         self.closing = False
@@ -131,15 +138,17 @@ class Batcher:
         pixels = images * MNIST_PIXELS if declared is None else sum(declared)
         units = work_units(kind, pixels, images, len(payload) if kind is InputKind.JSON else 0)
         small = self._small(units)
-        self._admit(images, units, small)
+        overdraft = self._admit(images, units, small)
         future = asyncio.get_running_loop().create_future()
         job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
-        pending = Pending(job, images, pixels, units, future, timeline, small=small)
+        pending = Pending(job, images, pixels, units, future, timeline, small=small, overdraft=overdraft)
         if timeline is not None:
             timeline.queued_ns = time.time_ns()
         self.admitted += images
         self.admitted_units += units
         self.small_units += units if small else 0
+        self.overdraft_units += units if overdraft else 0
+        self.requests += 1
         self.queue.append(pending)
         self._dispatch()
         pending.at_once = not self.queue or self.queue[-1] is not pending  # already on its way to a process
@@ -151,6 +160,8 @@ class Batcher:
             self.admitted -= images
             self.admitted_units -= units
             self.small_units -= units if small else 0
+            self.overdraft_units -= units if overdraft else 0
+            self.requests -= 1
 
     def refuses_unread(self, body_bytes: int) -> RequestError | None:
         """The refusal that any request of a ``body_bytes`` body would get now, decided before its body is read
@@ -173,23 +184,31 @@ class Batcher:
     def _queued_seconds(self, more_units: int) -> float:
         return (self.admitted_units + more_units) * self.seconds_per_unit / self._normal()
 
-    def _admit(self, images: int, units: int, small: bool, count: bool = True) -> None:
-        """Refuse at once what would pass the queue's bound in images or in estimated seconds of work. A small
-        request, where express processes take them, is bounded by the small work queued alone."""
+    def _admit(self, images: int, units: int, small: bool, count: bool = True) -> bool:
+        """Refuse at once what would pass the queue's bound in images or in estimated seconds of work; True when
+        admitted on the overdraft. A small request, where express processes take them, is bounded by the small
+        work queued alone; one far smaller than those admitted may pass the bound by a share of it."""
         if not self.admitted:
-            return  # an idle worker takes any request the per-request limits allow
+            return False  # an idle worker takes any request the per-request limits allow
         config = self.config
         wait_s = self._queued_seconds(units)
         if small:
             wait_s = min(wait_s, (self.small_units + units) * self.seconds_per_unit / len(self.express))
         if self.admitted + images > config.max_queue_images:
             problem = f"{self.admitted} images are queued on this worker and the limit is {config.max_queue_images}"
-        elif wait_s > config.max_queue_s:
-            problem = f"this worker has about {wait_s:.1f} s of work queued and the limit is {config.max_queue_s:g} s"
+        elif wait_s <= config.max_queue_s:
+            return False
+        elif self._overdraft_admits(units):
+            return True
         else:
-            return
+            problem = f"this worker has about {wait_s:.1f} s of work queued and the limit is {config.max_queue_s:g} s"
         self.counters.refused += count
         raise overloaded(problem, max(config.retry_after_s, math.ceil(min(wait_s, config.max_queue_s))))
+
+    def _overdraft_admits(self, units: int) -> bool:
+        far_smaller = units * FAR_SMALLER <= self.admitted_units / max(1, self.requests)
+        overdraft_s = (self.overdraft_units + units) * self.seconds_per_unit / self._normal()
+        return far_smaller and overdraft_s <= OVERDRAFT_SHARE * self.config.max_queue_s
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:

@@ -1137,6 +1137,30 @@ def test_a_body_is_refused_unread_when_no_request_of_its_size_could_be_admitted(
     assert r.batcher.counters.refused == 0  # asking is not refusing
 
 
+def test_a_request_far_smaller_than_those_queued_may_pass_the_bound_by_a_share_of_it(rig):
+    """1e-4 s a unit: an array image is 6.6 s. 14 images (93 s) run; the bound is 90 s. One image more is past it,
+    but 8 times smaller than the average admitted request: admitted on the overdraft (at most 18 s, a fifth of
+    the bound). Two images are not that much smaller; nor is a second lone image once the first is in."""
+    r = rig(max_queue_s=90.0, retry_after_s=1)
+    r.batcher.seconds_per_unit = 1e-4
+
+    async def scenario():
+        hold = busy(r)
+        first = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(14), 14))
+        two = await refused_at_once(r.batcher.submit(InputKind.PIXELS, pixels(2), 2))
+        lone = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        overdraft = r.batcher.overdraft_units
+        second = await refused_at_once(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))  # mean now 7.5 images
+        hold.set()
+        await asyncio.gather(first, lone)
+        return two, overdraft, second
+
+    two, overdraft, second = run(scenario())
+    assert two.reason == second.reason == "overloaded"
+    assert overdraft == ONE_PIXEL_IMAGE and r.batcher.overdraft_units == 0 and r.batcher.requests == 0
+    assert r.batcher.counters.refused == 2
+
+
 # ---- state and life cycle -------------------------------------------------------------------------------------
 def test_state_while_busy(rig):
     r = rig()
