@@ -52,6 +52,17 @@ def test_parse_hey_counts_statuses_and_errors_without_their_ports():
     assert overload.images_per_s(parsed, 64) == pytest.approx(812 * 64 / 8.0213)
 
 
+def test_the_stress_rows_count_connection_errors_with_debians_hey():
+    """bench/stress.py's rows (the 1,000-connection overload) read hey through the same parser: its own pattern
+    missed the quoted URL of Debian's hey, and reported no connection error whatever happened."""
+    from bench import stress
+
+    parsed = stress.parse_hey(HEY_OUTPUT)
+    assert parsed["statuses"] == {200: 812, 503: 9000} and parsed["p99_ms"] == 1250.0
+    assert parsed["errors"]["connection reset by peer"] == 5 and sum(parsed["errors"].values()) == 10
+    assert parsed["requests_per_s"] == 1234.5
+
+
 def test_parse_hey_takes_the_slowest_for_p99_under_100_answers():
     parsed = overload.parse_hey(HEY_OUTPUT.replace("  99% in 1.2500 secs\n", ""))
     assert parsed["p99_s"] == parsed["slowest_s"] == pytest.approx(2.5)

@@ -1161,6 +1161,43 @@ def test_a_request_far_smaller_than_those_queued_may_pass_the_bound_by_a_share_o
     assert r.batcher.counters.refused == 2
 
 
+@pytest.mark.parametrize("dies", ["running", "idle"])
+def test_an_express_process_that_dies_is_replaced_by_an_express_process(rig, dies):
+    r = rig(processes=1, express=1)
+    r.batcher.seconds_per_unit = 1e-8
+    normal, express = r.farm.made
+
+    async def scenario():
+        hold = busy(r)
+        long = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))
+        if dies == "running":
+            express.fail = WorkerFailed("the work process 1001 exited (EOFError)")
+        else:
+            express.proc.returncode = -9  # found dead when it is next given work
+        lost = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        hold.set()
+        first = await asyncio.gather(long, lost, return_exceptions=True)
+        await until(lambda: len(r.batcher.processes) == 2, "the replacement started")
+        r.batcher.seconds_per_unit = 1e-8  # as before the fake batches (of no CPU time) taught it otherwise
+        hold = busy(r)
+        long = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))
+        small = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1, seed=7), 1))
+        await settled()
+        seen = [b.pid for b in r.farm.batches[-2:]]
+        hold.set()
+        return first, seen, await asyncio.gather(long, small)
+
+    first, seen, (_, small) = run(scenario())
+    replacement = r.farm.made[2]
+    assert r.batcher.express == {replacement} and express not in r.batcher.processes
+    assert seen == [normal.proc.pid, replacement.proc.pid]  # the replacement takes small requests, as express
+    assert_answers(small, pixels(1, seed=7))
+    if dies == "running":
+        assert isinstance(first[1], RequestError) and first[1].status == 503
+    else:  # the request waited for the replacement, or the normal process took it after its long batch
+        assert_answers(first[1], pixels(1))
+
+
 # ---- state and life cycle -------------------------------------------------------------------------------------
 def test_state_while_busy(rig):
     r = rig()
