@@ -104,12 +104,56 @@ def preprocessing_ms(data: bytes, repeat: int = 20) -> float:
     return statistics.median(times) * 1000
 
 
+def preprocessing_at(ref: str):
+    """service/inputs/preprocess.py as it was at the git commit ``ref``, imported beside today's."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    source = subprocess.run(
+        ["git", "show", f"{ref}:service/inputs/preprocess.py"], cwd=repo, check=True, capture_output=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"preprocess_{ref}.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(ref: str, kinds, rounds: int = 5) -> None:
+    """Milliseconds per image, this tree's preprocessing against ``ref``'s, alternating rounds: medians."""
+    from service.inputs import preprocess as now
+
+    before = preprocessing_at(ref)
+    digits, _ = mnist_digits(8)
+    print(f"| input | bytes | {ref} ms | now ms | ratio |\n| --- | --- | --- | --- | --- |")
+    for kind in kinds:
+        files = [make(kind, digits[i], seed=i) for i in range(4 if kind == "photo_12mp" else 8)]
+        times = {before: [], now: []}
+        for _ in range(rounds):
+            for module in (before, now):
+                module.image_to_mnist(files[0])
+                start = time.perf_counter()
+                for data in files:
+                    module.image_to_mnist(data)
+                times[module].append((time.perf_counter() - start) / len(files) * 1000)
+        old, new = statistics.median(times[before]), statistics.median(times[now])
+        size = sum(map(len, files)) // len(files)
+        print(f"| {kind} | {size:,} | {old:.2f} | {new:.2f} | {old / new:.1f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.workloads", description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--save", metavar="DIR", help="also write one file of each kind to DIR")
+    p.add_argument("--against", metavar="GITREF", help="compare with the preprocessing at this commit")
     args = p.parse_args(argv)
+    if args.against:
+        return compare(args.against, args.kinds)
     digits, _ = mnist_digits(1)
     print("| input | bytes | preprocessing ms (median, one core) |\n| --- | --- | --- |")
     for kind in args.kinds:
