@@ -59,8 +59,6 @@ class Pending:
     future: asyncio.Future
     timeline: Timeline | None = None
     at_once: bool = False
-    small: bool = False  # an express process may take it
-    overdraft: bool = False  # admitted past the bound in seconds, being far smaller than the requests queued
 
 
 @dataclass
@@ -141,7 +139,7 @@ class Batcher:
         overdraft = self._admit(images, units, small)
         future = asyncio.get_running_loop().create_future()
         job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
-        pending = Pending(job, images, pixels, units, future, timeline, small=small, overdraft=overdraft)
+        pending = Pending(job, images, pixels, units, future, timeline)
         if timeline is not None:
             timeline.queued_ns = time.time_ns()
         self.admitted += images
