@@ -39,6 +39,9 @@ EXPRESS_AFTER_S = 0.25  # ... once every other process runs a batch estimated at
 # to this share of the bound in all: a lone small request is not shut out by a crowd of large ones resending at once
 FAR_SMALLER = 8
 OVERDRAFT_SHARE = 0.2
+# The price before any batch has taught one: the dearest per unit measured here (an RGBA PNG decodes at about
+# 26 ns a pixel), so that the first burst after a start is bounded in seconds, not only in images
+PRIOR_SECONDS_PER_UNIT = 2.5e-8
 
 
 @dataclass
@@ -88,9 +91,11 @@ class Batcher:
         self.admitted = 0  # images admitted and not answered yet: queued or in a batch
         self.admitted_units = 0  # and their estimated work (see the module's docstring)
         self.small_units = 0  # the part of it an express process may take
-        self.overdraft_units = 0  # the part of it admitted past the bound (FAR_SMALLER)
+        self.overdraft_units = 0  # the part of it admitted past the bounds (FAR_SMALLER)
+        self.overdraft_images = 0
         self.requests = 0  # requests admitted and not answered yet
-        self.seconds_per_unit = 0.0  # CPU seconds: a moving average over recent batches
+        self.seconds_per_unit = PRIOR_SECONDS_PER_UNIT  # CPU seconds: a moving average over recent batches
+        self.learned = False  # whether a batch has set the price yet
         self.counters = Counters()
         self.closing = False
         self.restarting = 0  # replacements being started: requests wait for them rather than being refused
@@ -146,6 +151,7 @@ class Batcher:
         self.admitted_units += units
         self.small_units += units if small else 0
         self.overdraft_units += units if overdraft else 0
+        self.overdraft_images += images if overdraft else 0
         self.requests += 1
         self.queue.append(pending)
         self._dispatch()
@@ -159,6 +165,7 @@ class Batcher:
             self.admitted_units -= units
             self.small_units -= units if small else 0
             self.overdraft_units -= units if overdraft else 0
+            self.overdraft_images -= images if overdraft else 0
             self.requests -= 1
 
     def refuses_unread(self, body_bytes: int) -> RequestError | None:
@@ -192,21 +199,25 @@ class Batcher:
         wait_s = self._queued_seconds(units)
         if small:
             wait_s = min(wait_s, (self.small_units + units) * self.seconds_per_unit / len(self.express))
-        if self.admitted + images > config.max_queue_images:
-            problem = f"{self.admitted} images are queued on this worker and the limit is {config.max_queue_images}"
-        elif wait_s <= config.max_queue_s:
+        over_images = self.admitted + images > config.max_queue_images
+        if not over_images and wait_s <= config.max_queue_s:
             return False
-        elif self._overdraft_admits(units):
+        if self._overdraft_admits(units, images):
             return True
+        if over_images:
+            problem = f"{self.admitted} images are queued on this worker and the limit is {config.max_queue_images}"
         else:
             problem = f"this worker has about {wait_s:.1f} s of work queued and the limit is {config.max_queue_s:g} s"
         self.counters.refused += count
         raise overloaded(problem, max(config.retry_after_s, math.ceil(min(wait_s, config.max_queue_s))))
 
-    def _overdraft_admits(self, units: int) -> bool:
+    def _overdraft_admits(self, units: int, images: int) -> bool:
+        """A request far smaller than the average admitted one, within a share of both bounds in all."""
         far_smaller = units * FAR_SMALLER <= self.admitted_units / max(1, self.requests)
         overdraft_s = (self.overdraft_units + units) * self.seconds_per_unit / self._normal()
-        return far_smaller and overdraft_s <= OVERDRAFT_SHARE * self.config.max_queue_s
+        within = overdraft_s <= OVERDRAFT_SHARE * self.config.max_queue_s
+        within &= self.overdraft_images + images <= OVERDRAFT_SHARE * self.config.max_queue_images
+        return far_smaller and within
 
     def _dispatch(self) -> None:
         while self.idle and self.queue:
@@ -305,7 +316,10 @@ class Batcher:
         answers = done.answers
         # priced on the CPU time the work took and the work it really did: neither a request's headers nor a
         # slow machine (refusals competing for the cores, another job) moves it
-        self._learn_price(done.stats.cpu_ns / 1e9, done.stats.units)
+        if done.stats.units:
+            self._learn_price(done.stats.cpu_ns / 1e9, done.stats.units)
+        else:  # nothing was done in full (every request failed): its CPU time may raise the price, never lower it
+            self._learn_price(done.stats.cpu_ns / 1e9, sum(p.units for p in batch), at_least=True)
         if self.metrics is not None:
             self.metrics.observe_batch(done.stats, seconds)
         for pending in batch:
@@ -321,13 +335,14 @@ class Batcher:
     def _learn_price(self, seconds: float, units: int, at_least: bool = False) -> None:
         """The CPU seconds per unit of work: a moving average over batches (none learned from a batch with no
         units). ``at_least``: a batch that failed part way (a crash, the timeout: wall time, the only measure
-        left) only ever raises the price."""
+        left) or did nothing in full (priced then at what it declared) only ever raises the price."""
         if units:
             per_unit = seconds / units
             if at_least and per_unit <= self.seconds_per_unit:
                 return
-            previous = self.seconds_per_unit or per_unit
+            previous = self.seconds_per_unit if self.learned else per_unit  # the first replaces the prior
             self.seconds_per_unit = 0.8 * previous + 0.2 * per_unit
+            self.learned = True
 
     def _fail(self, batch: list[Pending], error: RequestError) -> None:
         for pending in batch:

@@ -146,8 +146,10 @@ class Work:
         or its arrays; and its JSON."""
         if job.kind is InputKind.ENCODED:
             return work_units(job.kind, loaded_pixels, loaded_images)
-        images = 0 if isinstance(prepared, Exception) else len(prepared[0])
-        body = len(job.payload) if job.kind is InputKind.JSON else 0
+        failed = isinstance(prepared, Exception)
+        images = 0 if failed else len(prepared[0])
+        body = len(job.payload) if job.kind is InputKind.JSON and not failed else 0  # a body refused at its first
+        # byte did no parsing work: counting its bytes would let invalid JSON talk the price down
         return work_units(job.kind, images * MNIST_PIXELS, images, body)
 
     @staticmethod

@@ -102,8 +102,9 @@ class Request:
         """The body of a request for the batcher; a 503 before any of it is read when the queue would refuse
         every request of its declared size (the connection then closes, lingering, as for any unread body)."""
         declared = self.headers.get(b"content-length", b"")
-        if refusal := self.core.refuses_unread(int(declared) if declared.isdigit() else 0):
-            raise refusal
+        size = int(declared) if declared.isdigit() else 0
+        if size <= self.front.config.max_request_bytes and (refusal := self.core.refuses_unread(size)):
+            raise refusal  # (a body over the limit gets its 413 from body(): retrying would never help)
         return await self.body()
 
     async def body(self) -> bytes:

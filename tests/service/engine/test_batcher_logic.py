@@ -21,7 +21,7 @@ from PIL import Image
 
 from service.config import ServiceConfig
 from service.engine import batcher as batcher_module
-from service.engine.batcher import START_TRIES, Batcher, Timeline
+from service.engine.batcher import PRIOR_SECONDS_PER_UNIT, START_TRIES, Batcher, Timeline
 from service.engine.messages import (
     IMAGE_UNITS,
     MNIST_PIXELS,
@@ -895,17 +895,22 @@ def test_the_seconds_bound_uses_the_price_learned_from_a_batch(rig):
     assert r.metrics.seconds == pytest.approx([ONE_PIXEL_IMAGE * 1e-5] * 2)
 
 
-def test_before_any_price_is_learned_only_images_bound_the_queue(rig):
-    r = rig(max_queue_s=1e-9)
+def test_before_any_price_is_learned_a_dear_prior_bounds_the_queue_in_seconds(rig):
+    """A fresh server (a start, a rollout): 8 array images are 0.53 million units, 13 ms at the prior; with a bound
+    of 20 ms the second request is refused. With no price at all, 80 requests of 60 images were all admitted and
+    waited up to 138 s (an attack on this tree)."""
+    r = rig(max_queue_s=0.02, retry_after_s=1)
 
     async def scenario():
         hold = busy(r)
-        tasks = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(8), 8)) for _ in range(5)]
+        first = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(8), 8))
+        second = await refused_at_once(r.batcher.submit(InputKind.PIXELS, pixels(8), 8))
         hold.set()
-        return await asyncio.gather(*tasks)
+        await first
+        return second
 
-    assert len(run(scenario())) == 5
-    assert r.batcher.counters.refused == 0 and r.batcher.seconds_per_unit == 0.0
+    assert run(scenario()).reason == "overloaded"
+    assert r.batcher.counters.refused == 1 and r.batcher.learned
 
 
 @pytest.mark.parametrize("images", [1, 64, 5000])
@@ -925,7 +930,7 @@ def test_an_idle_batcher_admits_anything(rig, images):
         ([(1.0, 100)], 0.01),  # the first batch sets the price
         ([(1.0, 100), (2.0, 100)], 0.8 * 0.01 + 0.2 * 0.02),  # then a moving average
         ([(1.0, 100), (2.0, 100), (0.5, 100)], 0.8 * (0.8 * 0.01 + 0.2 * 0.02) + 0.2 * 0.005),
-        ([(1.0, 0)], 0.0),  # no units: nothing learned
+        ([(1.0, 0)], PRIOR_SECONDS_PER_UNIT),  # no units: nothing learned
         ([(1.0, 100), (5.0, 0)], 0.01),
     ],
 )
@@ -1113,7 +1118,7 @@ def test_small_requests_are_admitted_past_the_bound_that_large_ones_meet(rig):
 
 @pytest.mark.parametrize("express", [0, 1])
 def test_a_body_is_refused_unread_when_no_request_of_its_size_could_be_admitted(rig, express):
-    r = rig(processes=1, express=express, max_queue_s=0.4, max_queue_images=500, retry_after_s=1)
+    r = rig(processes=1, express=express, max_queue_s=0.4, retry_after_s=1)
     r.batcher.seconds_per_unit = 1e-8
 
     async def scenario():
@@ -1122,19 +1127,51 @@ def test_a_body_is_refused_unread_when_no_request_of_its_size_could_be_admitted(
         first = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(LONG), LONG))
         # 26.5 million units are queued, 0.27 s: a body of 20 million bytes would bring any request past 0.4 s
         verdicts = [r.batcher.refuses_unread(n) for n in (1000, 20_000_000)]
-        second = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(99), 99))
-        verdicts.append(r.batcher.refuses_unread(1000))  # 499 images queued: one more is the 500 allowed
-        third = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
-        verdicts.append(r.batcher.refuses_unread(1000))  # 500: none more
         hold.set()
-        await asyncio.gather(first, second, third)
+        await first
         return verdicts
 
-    small, big, at_limit, full = run(scenario())
-    assert small is None and at_limit is None
-    assert full.reason == "overloaded" and "500 images are queued" in full.message
+    small, big = run(scenario())
+    assert small is None
     assert big.reason == "overloaded" and big.retry_after >= 1  # not small: bounded by all the work queued
     assert r.batcher.counters.refused == 0  # asking is not refusing
+
+
+def test_a_body_is_refused_unread_when_the_queue_is_full_of_images(rig):
+    """Single-image requests fill the image bound: the cheapest request a body could hold is no smaller than
+    them (no overdraft), so none could be admitted."""
+    r = rig(max_queue_images=2, max_queue_s=1e9, retry_after_s=1)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        hold = busy(r)
+        tasks = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1)) for _ in range(2)]
+        verdict = r.batcher.refuses_unread(100)
+        hold.set()
+        await asyncio.gather(*tasks)
+        return verdict
+
+    verdict = run(scenario())
+    assert verdict.reason == "overloaded" and "2 images are queued" in verdict.message
+
+
+def test_a_far_smaller_request_passes_a_full_image_bound_on_the_overdraft(rig):
+    """The image bound filled by 64-image requests (256 clients of them resending at once shut a lone digit out:
+    the image bound was checked before the overdraft): one image more comes in, within a fifth of the bound."""
+    r = rig(max_queue_images=128, max_queue_s=1e9)
+    r.batcher.seconds_per_unit = 1e-8
+
+    async def scenario():
+        hold = busy(r)
+        bulk = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(64), 64)) for _ in range(2)]
+        full = await refused_at_once(r.batcher.submit(InputKind.PIXELS, pixels(64), 64))
+        lone = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1)) for _ in range(3)]
+        used = r.batcher.overdraft_images
+        hold.set()
+        return full, used, await asyncio.gather(*bulk, *lone)
+
+    full, used, answers = run(scenario())
+    assert "128 images are queued" in full.message and used == 3 and len(answers) == 5
 
 
 def test_a_request_far_smaller_than_those_queued_may_pass_the_bound_by_a_share_of_it(rig):
@@ -1198,6 +1235,26 @@ def test_an_express_process_that_dies_is_replaced_by_an_express_process(rig, die
         assert_answers(first[1], pixels(1))
 
 
+def test_a_batch_that_did_nothing_in_full_may_raise_the_price_never_lower_it(rig):
+    """Every request failed (files whose parsing is costly, then truncated): the work process reports no units, so
+    its CPU time is priced at what the requests declared, and only ever raises the price."""
+    r = rig(max_queue_s=1e9)
+    r.batcher.seconds_per_unit, r.batcher.learned = 1e-8, True
+    junk = b"junk that no header reader knows"  # declared as the largest image: 25 million pixels
+
+    async def scenario():
+        r.farm.seconds = 1e-3  # cheap failures: 1e-3 s over 25 million units is below the price, so no change
+        await refused(r.batcher.submit(InputKind.ENCODED, [junk], 1))
+        cheap = r.batcher.seconds_per_unit
+        r.farm.seconds = 25.0  # a costly one: 1e-6 s a declared unit
+        await refused(r.batcher.submit(InputKind.ENCODED, [junk], 1))
+        return cheap, r.batcher.seconds_per_unit
+
+    cheap, dear = run(scenario())
+    declared = work_units(InputKind.ENCODED, 25_000_000, 1)
+    assert cheap == 1e-8 and dear == pytest.approx(0.8 * 1e-8 + 0.2 * 25.0 / declared)
+
+
 # ---- state and life cycle -------------------------------------------------------------------------------------
 def test_state_while_busy(rig):
     r = rig()
@@ -1245,7 +1302,7 @@ def test_a_fresh_batcher(rig):
         "admitted_images": 0,
         "admitted_units": 0,
         "queued_seconds": 0.0,
-        "seconds_per_unit": 0.0,
+        "seconds_per_unit": PRIOR_SECONDS_PER_UNIT,
         "counters": {
             "batches": 0,
             "at_once": 0,

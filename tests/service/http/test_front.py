@@ -128,6 +128,16 @@ def test_a_full_queue_refuses_a_body_before_reading_it(path, headers, body):
     assert run(app, "POST", path, body, headers).status in (200, 400)  # read and served once there is room
 
 
+def test_a_body_over_the_limit_is_413_even_while_the_queue_refuses():
+    """Retrying it would never help: a 503 with Retry-After would tell the client to."""
+    from service.errors import overloaded
+
+    app = front(max_request_bytes=1000)
+    app.core.engine.refusal = overloaded("full", 1)
+    answer = run(app, "POST", "/predict", b"x" * 10, [MULTIPART, ("content-length", "5000")])
+    assert answer.status == 413 and app.core.engine.asked_unread == []
+
+
 @pytest.mark.parametrize("refusal", ["overloaded", "not_an_image"])
 def test_an_overload_refusal_is_held_before_it_is_sent_and_other_errors_are_not(refusal):
     """A client that resends at once gets one try per hold; any other error is answered at once."""
