@@ -40,6 +40,52 @@ from service.engine.messages import (
 )
 
 LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give the freed memory back
+# The CPU a request of image files may spend being decoded: this much, plus this much per pixel its headers declare
+# (4x the dearest pixel measured here). A file crafted to be costly to parse for its size (a small JPEG padded with
+# megabytes of marker bytes, a PNG of thousands of empty chunks) is stopped there instead of taking seconds.
+DECODE_BUDGET_S = 0.25
+DECODE_BUDGET_PER_PIXEL_S = 100e-9
+
+
+class OverCpuBudget(BaseException):
+    """Raised by the profiling timer in the middle of a request's decoding (BaseException: no ``except
+    Exception`` of a decoder may take it for a bad file and go on)."""
+
+
+class _CpuBudget:
+    """A profiling timer (CPU time of this process) that interrupts Python code past a budget; only in the main
+    thread, where signal handlers run (elsewhere it does nothing)."""
+
+    armed = False
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGPROF, cls._expired)
+            cls.installed = True
+
+    @classmethod
+    def _expired(cls, signum, frame) -> None:
+        if cls.armed:  # a signal that arrives after disarm() is ignored
+            cls.armed = False
+            raise OverCpuBudget
+
+    @classmethod
+    def arm(cls, seconds: float) -> None:
+        if cls.installed:
+            cls.armed = True
+            signal.setitimer(signal.ITIMER_PROF, seconds)
+
+    @classmethod
+    def disarm(cls) -> None:
+        cls.armed = False
+        if cls.installed:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+
+
 log = logging.getLogger("service.work")
 
 
@@ -78,6 +124,7 @@ class Work:
         self.mean, self.std = normalization["mean"], normalization["std"]
         self.runtime = load_runtime(init.runtime, init.model_dir, init.manifest, self.limits.threads_per_worker)
         self.runtime.log_probs(np.zeros((2, 1, 28, 28), dtype=np.float32))  # warm-up: first-call allocations
+        _CpuBudget.install()
         self._warm_up_preprocessing()
 
     @property
@@ -160,9 +207,24 @@ class Work:
         """(the model's input, the 28x28 images if asked for), or the RequestError the request ends in."""
         from service.errors import RequestError
 
+        budget = None
+        if job.kind is InputKind.ENCODED and job.declared is not None:
+            budget = DECODE_BUDGET_S + DECODE_BUDGET_PER_PIXEL_S * sum(job.declared)
         try:
-            x, seen, asked = model_input(job.kind, job.payload, self.limits, self.mean, self.std, job.declared)
+            if budget is not None:
+                _CpuBudget.arm(budget)
+            try:
+                x, seen, asked = model_input(job.kind, job.payload, self.limits, self.mean, self.std, job.declared)
+            finally:
+                _CpuBudget.disarm()
             return x, seen if job.want_inputs or asked else None
+        except OverCpuBudget:
+            return RequestError(
+                413,
+                "over_budget",
+                f"decoding the request's images took more than {budget:.2f} s of CPU, far more than images of their "
+                "declared size take; re-save them with an image editor or library",
+            )
         except RequestError as exc:  # a fresh copy: the raised one's traceback holds the decoded images
             return RequestError(exc.status, exc.reason, exc.message, exc.retry_after)
         except Exception:  # noqa: BLE001 - a bug, not the client's input: logged, answered 500

@@ -218,6 +218,34 @@ def test_a_batch_reports_the_work_it_really_did_and_its_cpu_time():
     assert done.stats.units == expected and done.stats.cpu_ns > 0
 
 
+@pytest.mark.parametrize("kind", ["jpeg comments", "png chunks"])
+def test_a_file_costly_to_parse_for_its_size_is_stopped_at_its_cpu_budget(monkeypatch, kind):
+    """A 28x28 digit padded with 4-byte JPEG comments after its frame header, or empty PNG chunks before its
+    pixels: Pillow parses them one by one in Python (10 MiB of them took 2.5-2.9 s, the request priced as one
+    28x28 image). The work process's profiling timer stops it at its budget; the next request is served."""
+    import struct
+    import zlib
+
+    monkeypatch.setattr(work_module, "DECODE_BUDGET_S", 0.02)
+    if kind == "jpeg comments":
+        buf = io.BytesIO()
+        Image.fromarray(digit_u8()).save(buf, format="JPEG")
+        jpg = buf.getvalue()
+        sos = jpg.index(b"\xff\xda")
+        bomb = jpg[:sos] + b"\xff\xfe\x00\x02" * 500_000 + jpg[sos:]
+    else:
+        empty = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz") & 0xFFFFFFFF)
+        at = PNG.index(b"IDAT") - 4
+        bomb = PNG[:at] + empty * 200_000 + PNG[at:]
+    w = make_work()
+    work_module._CpuBudget.install()  # as Work() does (make_work skips its model loading)
+    done = w.run(Batch(1, [Job(1, InputKind.ENCODED, [bomb], False, (PIXELS,)), encoded_job(2)]))
+    error = done.answers[1]
+    assert (error.status, error.reason) == (413, "over_budget") and "s of CPU" in error.message
+    assert isinstance(done.answers[2], Done)  # the other request of the batch is served
+    assert isinstance(w.run(Batch(2, [encoded_job(3)])).answers[3], Done)  # and the next batch
+
+
 def test_a_file_that_fails_to_decode_did_no_work():
     """A truncated PNG whose header says 25 megapixels: Pillow opens it at that size, then finds no pixel data.
     Counting its header's pixels as work done would teach the batcher that 25 megapixels cost nothing."""
