@@ -12,7 +12,7 @@ import pytest
 
 from service.config import ServiceConfig
 from service.engine.batcher import start_batcher
-from service.engine.messages import Batch, Init, InputKind, Job
+from service.engine.messages import Batch, Init, InputKind, Job, work_units
 from service.errors import RequestError
 from tests.service.conftest import big_png, png_bytes
 
@@ -212,12 +212,15 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
     many pixels is priced at many times a small one with as many images: refused past the queue's bound in
     seconds, where the small one is let in. (A price per image let twenty 25-megapixel requests in; a price per
     pixel alone, learned on 28x28 images, refused every large one.)"""
-    batcher = make_batcher(max_queue_s=0.05)
+    batcher = make_batcher()
     files, _ = digits
 
     async def scenario():
-        for _ in range(20):  # the price is a moving average: enough batches to forget the cold first one
+        for _ in range(20):  # the price is a moving average: enough batches to forget the prior
             await batcher.submit(InputKind.ENCODED, files[:8], 8)  # 8 x 784 pixels each
+        # a bound of 50 small images' work at the price learned (CPU time: it follows the machine's speed)
+        bound = 50 * work_units(InputKind.ENCODED, 784, 1) * batcher.seconds_per_unit
+        batcher.config = dataclasses.replace(batcher.config, max_queue_s=bound)
         running = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:1], 1))
         await asyncio.sleep(0)
         small = asyncio.ensure_future(batcher.submit(InputKind.ENCODED, files[:2], 2))
@@ -225,10 +228,10 @@ def test_the_queue_prices_requests_by_the_pixels_they_declare(make_batcher, digi
         with pytest.raises(RequestError) as refused:
             await batcher.submit(InputKind.ENCODED, [big_png(5000), big_png(5000)], 2)  # 50 megapixels declared
         await asyncio.gather(running, small)
-        return refused.value, small.result()
+        return bound, refused.value, small.result()
 
-    refused, small = asyncio.run(scenario())
-    assert refused.status == 503 and "s of work queued and the limit is 0.05 s" in refused.message
+    bound, refused, small = asyncio.run(scenario())
+    assert refused.status == 503 and f"s of work queued and the limit is {bound:g} s" in refused.message
     assert len(small.log_probs) == 2
 
 
