@@ -264,12 +264,17 @@ class _Look:
     mask: np.ndarray
 
     def ink(self, gray: np.ndarray) -> np.ndarray:
-        gray = 1.0 - gray if self.inverted else gray
-        return ((gray - self.background) / (self.peak - self.background)).clip(0.0, 1.0)
+        return _ink(gray, self.inverted, self.background, self.peak)
 
 
-def _look(gray: np.ndarray) -> _Look | None:
-    """Light or dark ink, the contrast, the threshold and the digit's strokes; None when nothing is drawn."""
+def _ink(gray: np.ndarray, inverted: bool, background: float, peak: float) -> np.ndarray:
+    gray = 1.0 - gray if inverted else gray
+    return ((gray - background) / (peak - background)).clip(0.0, 1.0)
+
+
+def _look(gray: np.ndarray) -> tuple[_Look, np.ndarray] | None:
+    """Light or dark ink, the contrast, the threshold and the digit's strokes, and the image as ink; None when
+    nothing is drawn."""
     low, median, high = _quantiles(gray)
     inverted = bool(median > 0.5)  # most of the picture is light: dark ink on paper or a white canvas
     if inverted:
@@ -277,10 +282,9 @@ def _look(gray: np.ndarray) -> _Look | None:
     background, peak = float(median), float(high)
     if peak - background < 0.05:
         return None
-    look = _Look(inverted, background, peak, 0.0, np.zeros(0, dtype=bool))
-    ink = look.ink(gray)
+    ink = _ink(gray, inverted, background, peak)
     threshold = max(_otsu(ink), 0.2)
-    return _Look(inverted, background, peak, threshold, _digit_mask(ink > threshold))
+    return _Look(inverted, background, peak, threshold, _digit_mask(ink > threshold)), ink
 
 
 def mnist_style(gray: np.ndarray) -> np.ndarray:
@@ -297,11 +301,12 @@ def mnist_style(gray: np.ndarray) -> np.ndarray:
     if is_mnist_format(gray):
         return gray
     coarse, step_y, step_x = _shrunk(gray, COARSE_SIDE)
-    look = _look(coarse)
-    if look is None:
+    found = _look(coarse)
+    if found is None:
         return np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)  # nothing drawn: a blank answer, not an error
+    look, ink = found
     if step_y == step_x == 1.0:
-        ink, mask = look.ink(coarse), look.mask
+        mask = look.mask
     else:
         ink, mask = _fine(gray, look, step_y, step_x)
     # the digit's anti-aliased edges: faint pixels next to the kept strokes, nothing else (MNIST's background is 0)
