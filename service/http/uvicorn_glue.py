@@ -42,6 +42,7 @@ from uvicorn.server import Server
 
 from service import linux
 from service.core import LIFECYCLE
+from service.http.listener import BalancedListener, LoadTable, table_path
 from service.observe import access
 
 log = logging.getLogger("service.http")
@@ -137,6 +138,7 @@ class GuardedProtocol(HttpToolsProtocol):
             if sheddable is None:
                 transport.abort()  # every socket has a request in progress: this one waits its turn elsewhere
                 self.connections.discard(self)
+                _publish_load()
                 return
             oldest = next(iter(sheddable))
             del sheddable[oldest]
@@ -144,12 +146,14 @@ class GuardedProtocol(HttpToolsProtocol):
             oldest._raw.abort()
         SILENT[self] = None
         self._arm_head_timer()
+        _publish_load()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         for group in SHED_ORDER:
             group.pop(self, None)
         super().connection_lost(exc)
+        _publish_load()
 
     def eof_received(self) -> bool:
         """The client half-closed. Right after a whole request it still gets the answer (then the connection
@@ -446,6 +450,45 @@ def _accept_all(sock: socket.socket) -> list[socket.socket]:
         accepted.append(conn)
 
 
+LISTENERS: list[BalancedListener] = []  # this worker's, when it accepts in turn with the others
+
+
+def _publish_load() -> None:
+    for listener in LISTENERS:
+        listener.publish()
+
+
+_uvicorn_startup = Server.startup
+
+
+async def _startup(server: Server, sockets: list[socket.socket] | None = None) -> None:
+    """uvicorn's start-up, but the sockets shared by ``bentoml serve``'s workers are accepted from in turn
+    (``service/http/listener.py``) rather than by the event loop's own server, which takes every queued
+    connection at once. Without shared sockets, with TLS, or where the load table cannot be made, uvicorn's
+    own way."""
+    if not sockets or server.config.ssl:
+        return await _uvicorn_startup(server, sockets)
+    await _uvicorn_startup(server, [])  # the lifespan and the rest, with no listener of the event loop's
+    loop = asyncio.get_running_loop()
+
+    def protocol():
+        return server.config.http_protocol_class(
+            config=server.config, server_state=server.server_state, app_state=server.lifespan.state, _loop=loop
+        )
+
+    try:  # only now: a worker in the table is one that accepts, not one still loading its model
+        tables = [LoadTable(table_path(sock)) for sock in sockets]
+    except OSError as exc:
+        log.warning("connections are accepted without balancing between workers: %s", exc)
+        for sock in sockets:
+            server.servers.append(await loop.create_server(protocol, sock=sock, backlog=server.config.backlog))
+        return
+    for sock, table in zip(sockets, tables):
+        listener = BalancedListener(sock, protocol, server.server_state.connections, table)
+        server.servers.append(listener)
+        LISTENERS.append(listener)
+
+
 def install(settings) -> None:
     """Make uvicorn use GuardedProtocol and drain on SIGTERM; raise the open-files limit as far as allowed."""
     GuardedProtocol.settings = settings
@@ -453,6 +496,7 @@ def install(settings) -> None:
         "service.http.uvicorn_glue:GuardedProtocol"
     )
     Server.handle_exit = _handle_exit
+    Server.startup = _startup
     linux.fix_mmap_threshold()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

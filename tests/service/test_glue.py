@@ -128,6 +128,18 @@ def test_uvicorn_still_has_the_server_internals_the_drain_uses():
     assert "self.config.timeout_graceful_shutdown" in source  # what bounds the end of a drain
 
 
+def test_uvicorn_still_starts_and_stops_listeners_the_way_balanced_accepts_expect():
+    from uvicorn.server import Server
+
+    original = uvicorn_glue._uvicorn_startup  # install() replaces Server.startup; this is uvicorn's own
+    assert list(inspect.signature(original).parameters) == ["self", "sockets"]
+    startup, shutdown = inspect.getsource(original), inspect.getsource(Server.shutdown)
+    # started with no sockets of its own, uvicorn keeps a list of servers that the glue appends its listeners to
+    assert "self.servers: list[asyncio.base_events.Server] = []" in startup and "self.started = True" in startup
+    assert "server.close()" in shutdown  # and stops them with the event loop's own server's two methods
+    assert "await server.wait_closed()" in inspect.getsource(Server._wait_tasks_to_complete)
+
+
 # ---- the timeout middleware for BentoML's own pages -----------------------------------------------------------
 def _live_request_timers() -> list:
     gc.collect()

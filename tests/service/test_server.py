@@ -57,6 +57,39 @@ def test_concurrent_clients_each_get_their_own_answer(server, mnist_test, expect
     assert right >= 90  # about 97% through the MNIST-style pipeline
 
 
+def test_a_burst_of_connections_is_split_between_the_workers(server):
+    """16 clients connect at once, then each sends a request: the two workers hold about half each (left to the
+    event loop, the first worker to wake took most of them, and its work process did all the work)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    port = urlsplit(server).port
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+    try:
+        for c in clients:
+            c.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        ours = {c.getsockname()[1] for c in clients}
+        held: dict[int, int] = {}
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.pid and conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port in ours:
+                held[conn.pid] = held.get(conn.pid, 0) + 1
+    finally:
+        for c in clients:
+            c.close()
+    assert sum(held.values()) == 16 and len(held) == 2, held
+    assert all(6 <= n <= 10 for n in held.values()), held
+    # and /metrics says how the requests were shared
+    per_worker = re.findall(
+        r'mnist_http_requests_total\{endpoint="health",status="200",worker="(\d)"\} (\S+)',
+        httpx.get(server + "/metrics").text,
+    )
+    assert sorted(w for w, _ in per_worker) == ["1", "2"] and all(float(n) >= 6 for _, n in per_worker), per_worker
+
+
 def test_metrics_show_batches_larger_than_one(server, mnist_test):
     images, _ = mnist_test
     data = png_bytes(images[0].numpy())

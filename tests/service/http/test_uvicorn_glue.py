@@ -351,3 +351,53 @@ def test_requests_whose_bodies_are_still_arriving_do_not_count_against_the_cap(s
         return statuses
 
     assert asyncio.run(scenario()) == 200
+
+
+# ---- start-up: the shared socket accepted from in turn --------------------------------------------------------
+async def _serve_once(sock) -> tuple[list, bytes]:
+    """uvicorn's Server started by the glue on ``sock`` (as a worker of `bentoml serve` is), one request through
+    it, then its listeners closed."""
+    from uvicorn.server import Server
+
+    server = Server(Config(app=app, http="httptools", lifespan="off", log_config=None))
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await uvicorn_glue._startup(server, [sock])
+    reader, writer = await asyncio.open_connection(*sock.getsockname())
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    kinds = [type(s).__name__ for s in server.servers]
+    for s in server.servers:
+        s.close()
+        await s.wait_closed()
+    return kinds, answer
+
+
+@pytest.fixture
+def listening_socket(settings, monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.setattr(uvicorn_glue, "LISTENERS", [])
+    monkeypatch.setattr(uvicorn_glue, "table_path", lambda sock: str(tmp_path / "listener.load"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield sock
+    sock.close()
+
+
+def test_a_workers_shared_socket_is_accepted_from_in_turn(listening_socket):
+    kinds, answer = asyncio.run(_serve_once(listening_socket))
+    assert kinds == ["BalancedListener"] and answer.endswith(b"ok 0")
+    assert len(uvicorn_glue.LISTENERS) == 1
+
+
+def test_without_a_load_table_the_event_loop_accepts_as_before(listening_socket, monkeypatch, caplog):
+    def no_table(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(uvicorn_glue, "LoadTable", no_table)
+    kinds, answer = asyncio.run(_serve_once(listening_socket))
+    assert kinds == ["Server"] and answer.endswith(b"ok 0")
+    assert "without balancing" in caplog.text
