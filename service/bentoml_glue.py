@@ -2,7 +2,7 @@
 pyproject.toml); tests/service/test_glue.py fails within a second when an upgrade removes what this relies on.
 
 - the model store's home (``BentoMLContainer.bentoml_home``), for the one-line error when a model is missing;
-- whether this process is one of ``bentoml serve``'s workers (``server_context.worker_index``);
+- whether this process is one of ``bentoml serve``'s workers, and which (``server_context.worker_index``);
 - BentoML's Prometheus client (``BentoMLContainer.metrics_client``), so that the service's metrics are summed
   across workers on BentoML's ``/metrics``;
 - a request timeout for BentoML's own pages that lets go of each request once it is answered: BentoML's
@@ -31,6 +31,11 @@ def bentoml_home() -> str:
 def in_worker() -> bool:
     """Running as a worker of ``bentoml serve`` (not imported by the arbiter, a build, or a test)."""
     return server_context.worker_index is not None
+
+
+def worker_index() -> int:
+    """This worker's number, 1..workers (0 outside ``bentoml serve``)."""
+    return server_context.worker_index or 0
 
 
 def metrics_client():

@@ -272,7 +272,7 @@ class Frontend:
         await self._send(response, send, close=request.unread_body or LIFECYCLE.draining)
         seconds = time.perf_counter() - started
         m = metrics(self.config.max_batch_size)
-        m.requests.labels(route.endpoint, str(response.status)).inc()
+        m.requests.labels(route.endpoint, str(response.status), m.worker).inc()
         m.latency.labels(route.endpoint).observe(seconds)
         self._end_span(call, response.status, reason)
         if self.config.access_log:

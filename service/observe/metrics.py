@@ -20,11 +20,13 @@ DIGITS = tuple(str(d) for d in range(10))
 
 
 class Metrics:
-    def __init__(self, client, max_batch_size: int):
+    def __init__(self, client, max_batch_size: int, worker: int = 0):
+        self.worker = str(worker)  # 1..workers: how evenly the HTTP workers share the load
         self.requests = client.Counter(
             name="mnist_http_requests_total",
-            documentation="HTTP requests answered by the service's own routes, by endpoint and status",
-            labelnames=["endpoint", "status"],
+            documentation="HTTP requests answered by the service's own routes, by endpoint, status and HTTP "
+            "worker (1..workers; 0 outside `bentoml serve`)",
+            labelnames=["endpoint", "status", "worker"],
         )
         self.latency = client.Histogram(
             name="mnist_http_request_duration_seconds",
@@ -100,6 +102,6 @@ class Metrics:
 
 @functools.cache
 def metrics(max_batch_size: int) -> Metrics:
-    from service.bentoml_glue import metrics_client
+    from service.bentoml_glue import metrics_client, worker_index
 
-    return Metrics(metrics_client(), max_batch_size)
+    return Metrics(metrics_client(), max_batch_size, worker_index())
