@@ -245,7 +245,7 @@ class Frontend:
             response = await route.handler(request)
         except RequestError as exc:
             reason = exc.reason
-            metrics(self.config.max_batch_size).rejected.labels(exc.reason).inc()
+            metrics(self.config.max_batch_size).observe_rejected(exc.reason)
             response = error_response(exc, call.request_id)
             hold = exc.reason == "overloaded" and not LIFECYCLE.draining
         except ClientGone:
@@ -271,9 +271,7 @@ class Frontend:
         response.headers.append((b"x-request-id", call.request_id.encode()))
         await self._send(response, send, close=request.unread_body or LIFECYCLE.draining)
         seconds = time.perf_counter() - started
-        m = metrics(self.config.max_batch_size)
-        m.requests.labels(route.endpoint, str(response.status), m.worker).inc()
-        m.latency.labels(route.endpoint).observe(seconds)
+        metrics(self.config.max_batch_size).observe_request(route.endpoint, response.status, seconds)
         self._end_span(call, response.status, reason)
         if self.config.access_log:
             method, path = scope["method"], scope["path"]

@@ -7,11 +7,8 @@ that the workers' values are summed on ``/metrics``.
 
 from __future__ import annotations
 
+import collections
 import functools
-
-import numpy as np
-
-from service.engine.messages import InputKind
 
 ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "ui", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -79,19 +76,32 @@ class Metrics:
             name="mnist_work_process_restarts_total",
             documentation="Work processes restarted after they died or ran past the work timeout",
         )
+        self._children: dict[tuple, object] = {}  # (metric, label values) -> its series, made on first use
 
-    def observe_answer(self, done, kind: str) -> None:
+    def _child(self, metric, *labels):
+        """``metric.labels(*labels)``, looked up once per series: the client takes a lock and builds a key per call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self._child(self.requests, endpoint, str(status), self.worker).inc()
+        self._child(self.latency, endpoint).observe(seconds)
+
+    def observe_rejected(self, reason: str) -> None:
+        self._child(self.rejected, reason).inc()
+
+    def observe_answer(self, digits: list[int], confidences: list[float], prepare_s: float | None = None) -> None:
         """One request's answers: its digits and confidences, and its preprocessing time (image inputs)."""
-        log_probs = done.log_probs.astype(np.float64)
-        probs = np.exp(log_probs - log_probs.max(axis=1, keepdims=True))
-        confidence = probs.max(axis=1) / probs.sum(axis=1)
-        for digit, count in enumerate(np.bincount(log_probs.argmax(axis=1), minlength=10)):
-            if count:
-                self.predictions.labels(DIGITS[digit]).inc(int(count))
-        for value in confidence:
-            self.confidence.observe(float(value))
-        if kind is not InputKind.NORMALIZED:
-            self.preprocess.observe(done.prepare_s)
+        counts = {digits[0]: 1} if len(digits) == 1 else collections.Counter(digits)
+        for digit, count in counts.items():
+            self._child(self.predictions, DIGITS[digit]).inc(count)
+        for value in confidences:
+            self.confidence.observe(value)
+        if prepare_s is not None:
+            self.preprocess.observe(prepare_s)
 
     def observe_batch(self, stats, seconds: float) -> None:
         if stats.model_images:

@@ -28,7 +28,7 @@ class Recorder:
     def observe_batch(self, stats, seconds):
         self.model_images.append(stats.model_images)
 
-    def observe_answer(self, done, kind):
+    def observe_answer(self, digits, confidences, prepare_s=None):
         pass
 
 
