@@ -89,17 +89,47 @@ SHED_ORDER = (SILENT, WAITING, SLOW_BODY)
 
 
 class _Transport:
-    """The socket as uvicorn sees it: closing it lingers when the client may still be sending."""
+    """The socket as uvicorn sees it: closing it lingers when the client may still be sending; and an answer's head
+    is held until its body's first write, so that the two leave in one send (uvicorn writes them apart: a second
+    system call and TCP segment per answer). Whatever is held is written at the latest on the loop's next turn."""
 
-    __slots__ = ("_transport", "_protocol")
+    __slots__ = ("_transport", "_protocol", "_held", "_headed")
 
     def __init__(self, transport, protocol: GuardedProtocol):
         self._transport, self._protocol = transport, protocol
+        self._held: bytes | None = None
+        self._headed = None  # the request cycle whose head was written last
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        else:
+            cycle = self._protocol.cycle
+            if (
+                cycle is not None
+                and cycle.response_started
+                and not cycle.response_complete
+                and cycle is not self._headed
+            ):
+                self._headed, self._held = cycle, data  # the head: uvicorn writes it as the response starts
+                self._protocol.loop.call_soon(self.flush)
+                return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
     def close(self) -> None:
+        self.flush()
         self._protocol._close()
 
     def is_closing(self) -> bool:
@@ -295,6 +325,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_head, self._raw_head_bytes = True, 0
         super().on_response_complete()
         if self._peer_done:
+            self.transport.flush()  # a head held with no body to follow (HEAD, 204)
             self._raw.close()
         elif not self.transport.is_closing() and not self.pipeline:
             WAITING[self] = None

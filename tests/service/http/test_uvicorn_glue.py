@@ -21,6 +21,7 @@ class Transport(asyncio.Transport):
     def __init__(self):
         super().__init__()
         self.written = bytearray()
+        self.writes = 0
         self.closed = False
         self.eof_written = False
         self.protocol = None
@@ -34,6 +35,7 @@ class Transport(asyncio.Transport):
     def write(self, data):
         if not self.closed:
             self.written += data
+            self.writes += 1
 
     def close(self):
         if not self.closed and self.protocol is not None:
@@ -128,6 +130,18 @@ def _exchange(*pieces: bytes, wait: float = 0.02, connections: set | None = None
 def test_a_plain_request_goes_through(settings):
     transport = _exchange(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
     assert transport.status() == 200 and transport.written.endswith(b"ok 5")
+    assert transport.writes == 1  # the head and the body in one send: one system call and one TCP segment
+
+
+def test_each_answer_on_a_kept_alive_connection_leaves_in_one_send(settings):
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    transport = _exchange(request, request, request)
+    assert transport.written.count(b"HTTP/1.1 200") == 3 and transport.writes == 3
+
+
+def test_an_early_answer_is_written_whole_before_the_connection_lingers(settings):
+    transport = _exchange(b"POST /early HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nxx")
+    assert transport.status() == 413 and transport.written.endswith(b"early") and transport.eof_written
 
 
 def test_a_head_over_the_size_bound_is_431(settings):
