@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
 from bench import http
+from bench.peers.cpu import cores_used
 from training.data import DataError, Normalization, load_mnist, resolve_data_dir, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,17 +94,19 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = http.bento_server(name, home, cwd=stack.enter_context(worktree(ref)))
         live = {name: stack.enter_context(server) for name, server in servers.items()}
         loads = {name: (*bodies.get(name, bodies["ours"]), args.window) for name in live}
-        windows = http.interleaved(live, loads, args.clients, args.rounds)
+        watch = {name: functools.partial(cores_used, server) for name, server in live.items()}
+        windows = http.interleaved(live, loads, args.clients, args.rounds, watch=watch)
     what = f"{args.file.name} x {args.images}" if args.file else f"{args.images} PNG(s)"
     windows_of = f"medians of {args.rounds} windows of {args.window} s"
     print(f"\n{args.clients} clients, {what} per request to our service, {windows_of}\n")
-    print("| server | req/s | images/s | p50 ms | p90 ms | p99 ms | errors |\n" + "| --- " * 7 + "|")
+    print("| server | req/s | images/s | p50 ms | p90 ms | p99 ms | errors | server CPU ms/request | cores |")
+    print("| --- " * 9 + "|")
     for name, ws in windows.items():
         m = http.median_of(ws)
         per_request = 1 if name in bodies else args.images
         print(
             f"| {name} | {m['requests_per_s']:,.0f} | {m['requests_per_s'] * per_request:,.0f} | {m['p50_ms']:.1f} | "
-            f"{m['p90_ms']:.1f} | {m['p99_ms']:.1f} | {m['errors']} |"
+            f"{m['p90_ms']:.1f} | {m['p99_ms']:.1f} | {m['errors']} | {m['cpu_ms']:.3f} | {m['cores_used']:.2f} |"
         )
     return 0
 

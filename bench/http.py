@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +27,31 @@ import psutil
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+# WRK_BODY: one file path per line. One file: wrk's static request, as always. Several: a request() that sends
+# them in turn, each wrk thread from its own starting point (wrk runs request() per thread, not per connection).
 WRK_SCRIPT = """
-local f = io.open(os.getenv("WRK_BODY"), "rb"); local body = f:read("*all"); f:close()
+local paths = {}
+for path in (os.getenv("WRK_BODY") or ""):gmatch("[^\\n]+") do paths[#paths + 1] = path end
+local function slurp(path) local f = io.open(path, "rb"); local data = f:read("*all"); f:close(); return data end
 wrk.method = "POST"
-wrk.body = body
+wrk.body = slurp(paths[1])
 wrk.headers["Content-Type"] = os.getenv("WRK_CTYPE")
 for name, value in (os.getenv("WRK_HEADERS") or ""):gmatch("([^:\\n]+):%s*([^\\n]*)") do wrk.headers[name] = value end
+if #paths > 1 then
+  local requests, turn, threads = {}, 0, 0
+  setup = function(thread)
+    thread:set("first", threads * math.floor(#paths / (tonumber(os.getenv("WRK_THREADS")) or 1)))
+    threads = threads + 1
+  end
+  init = function(args)
+    for i, path in ipairs(paths) do requests[i] = wrk.format(nil, nil, nil, slurp(path)) end
+    turn = first or 0
+  end
+  request = function()
+    turn = turn % #requests + 1
+    return requests[turn]
+  end
+end
 done = function(s, latency, requests)
   io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, '
     .. '"status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d}\\n', s.requests, s.duration,
@@ -47,9 +67,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def multipart(files: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
-    """(field, filename, data, type) parts -> body and content type."""
-    boundary = uuid.uuid4().hex
+def multipart(files: list[tuple[str, str, bytes, str]], boundary: str | None = None) -> tuple[bytes, str]:
+    """(field, filename, data, type) parts -> body and content type; bodies given one ``boundary`` share one type."""
+    boundary = boundary or uuid.uuid4().hex
     out = io.BytesIO()
     for name, filename, data, ctype in files:
         out.write(
@@ -134,9 +154,21 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float, headers: dict | None = None) -> dict:
+def wrk(
+    url: str,
+    body: bytes | Sequence[bytes],
+    ctype: str,
+    connections: int,
+    seconds: float,
+    headers: dict | None = None,
+) -> dict:
+    """wrk's summary of ``seconds`` of POSTs from ``connections`` clients. ``body`` is one body, or several that
+    each wrk thread sends in turn (all under the one ``ctype``: multipart bodies share a boundary for this)."""
+    bodies = [body] if isinstance(body, bytes | bytearray) else list(body)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "body").write_bytes(body)
+        paths = [Path(tmp) / f"body{i}" for i in range(len(bodies))]
+        for path, data in zip(paths, bodies):
+            path.write_bytes(data)
         (Path(tmp) / "s.lua").write_text(WRK_SCRIPT)
         threads = min(2, connections)
         proc = subprocess.run(
@@ -158,8 +190,9 @@ def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float, hea
             text=True,
             env={
                 **os.environ,
-                "WRK_BODY": str(Path(tmp) / "body"),
+                "WRK_BODY": "\n".join(map(str, paths)),
                 "WRK_CTYPE": ctype,
+                "WRK_THREADS": str(threads),
                 "WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
             },
             timeout=seconds + 60,
@@ -171,6 +204,7 @@ def wrk(url: str, body: bytes, ctype: str, connections: int, seconds: float, hea
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
     return {
         "requests_per_s": r["requests"] / (r["duration_us"] / 1e6),
+        "requests": r["requests"],
         "errors": errors,
         "p50_ms": r["p50_us"] / 1000,
         "p90_ms": r["p90_us"] / 1000,
@@ -204,6 +238,10 @@ def median_of(windows: list[dict]) -> dict:
     out = {k: statistics.median(w[k] for w in windows) for k in keys}
     out["errors"] = sum(w["errors"] for w in windows)
     out["windows"] = len(windows)
+    watched = [w for w in windows if "cores" in w and w.get("requests")]
+    if watched:  # windows watched by bench.peers.cpu.cores_used: the server's CPU per answered request
+        out["cpu_ms"] = statistics.median(1000 * w["cores"]["cpu_s"] / w["requests"] for w in watched)
+        out["cores_used"] = statistics.median(w["cores"]["total"] for w in watched)
     return out
 
 
@@ -260,17 +298,19 @@ def only(live: dict[str, Server], name: str, alone: bool):
 
 def interleaved(
     live: dict[str, Server],
-    loads: dict[str, tuple[str, bytes, str, float]],
+    loads: dict[str, tuple[str, bytes | Sequence[bytes], str, float]],
     clients: int,
     rounds: int,
     alone: bool = False,
+    watch: dict[str, Callable[[], contextlib.AbstractContextManager[dict]]] | None = None,
 ) -> dict[str, list[dict]]:
     """wrk windows from each server in turn, ``rounds`` times, after a short warm-up of each; ``loads`` maps
-    a server's name to (path, body, content type, window seconds). This machine's CPU share drifts over
+    a server's name to (path, body or bodies, content type, window seconds). This machine's CPU share drifts over
     minutes: windows that alternate keep the comparisons (ratios) fair even when absolute numbers move.
     ``alone`` freezes the other servers during each one's warm-up and windows: some poll while idle (LitServe's
     workers and Ray's cluster each took about a tenth of this machine doing nothing) and would otherwise take
-    that from the server being measured."""
+    that from the server being measured. ``watch`` maps a server's name to a context manager around each of its
+    windows (not the warm-up) whose dict, filled when it exits, joins that window's result."""
     for name, (path, body, ctype, _, *headers) in loads.items():
         with only(live, name, alone):
             wrk(live[name].url + path, body, ctype, min(clients, 8), 1, *headers)
@@ -279,9 +319,16 @@ def interleaved(
     for _ in range(rounds):
         for name, (path, body, ctype, seconds, *headers) in loads.items():
             with only(live, name, alone):
-                windows[name].append(wrk(live[name].url + path, body, ctype, clients, seconds, *headers))
+                with (watch or {}).get(name, _nothing)() as extra:
+                    result = wrk(live[name].url + path, body, ctype, clients, seconds, *headers)
+                windows[name].append({**result, **extra})
                 settle(live[name].url + live[name].ready_path)
     return windows
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield {}
 
 
 def v2_binary_request(name: str, datatype: str, array: np.ndarray) -> tuple[bytes, str, dict]:

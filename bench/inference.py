@@ -63,3 +63,22 @@ def measure(export_dir: Path, x_all: np.ndarray, windows: int = 5, window_s: flo
                 }
             )
     return rows
+
+
+def work_per_image_ms(export_dir: Path, files: list[bytes], rounds: int = 5, calls: int = 1000) -> float:
+    """The CPU milliseconds one request of one image costs in process, on one core: the project's preprocessing,
+    ONNX Runtime with one thread at batch 1, and the answer's format (bench/peers/work.py, what every peer runs per
+    request). The lowest of ``rounds`` (CPU time, over ``calls`` calls each, through ``files`` in turn): the
+    least this machine needs for the work itself, against which a server's CPU per request is compared."""
+    from bench.peers.work import Pipeline
+
+    pipeline = Pipeline(export_dir)
+    for data in files:
+        pipeline([data])
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        for i in range(calls):
+            pipeline([files[i % len(files)]])
+        best = min(best, (time.process_time() - start) / calls * 1000)
+    return best

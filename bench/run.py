@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,9 +24,13 @@ import torch
 from tqdm import tqdm
 
 from bench import http, inference, overload, stress, train_speed
+from bench.peers import kinds
+from bench.peers.cpu import watchers
+from bench.peers.kinds import KindsConfig
 from training.data import DataError, Normalization, load_mnist, resolve_data_dir, to_model_input
 
 REPO = Path(__file__).resolve().parent.parent
+PER_REQUEST = {"png1": 1, "png16": 16, "png64": 64}  # images per request of each scenario
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
 BOOK = REPO.parent / "shared" / "book" / "convnet.pth"
@@ -84,22 +89,34 @@ def run_http(cfg: dict, checkpoint: str, home: str, export_dir: Path, images: np
     one["book-flask"] = ("/test", *http.book_request(x_norm[0]))
     one["bento-noop"] = ("/noop", *http.NOOP_REQUEST)
     multi = [n for n in ["bento", *peers] if getattr(known[n], "multi_image", True)]
+    sixteen, ctype16 = http.png_request(images, 16)
     rows, extra = [], {}
-    steps = len(cfg["concurrency"]) * 2 + 3
+    steps = len(cfg["concurrency"]) * 2 + 5
     bar = tqdm(total=steps, desc="http", unit="step", disable=None)
+    extra["work_ms"] = inference.work_per_image_ms(export_dir, [http.png(image) for image in images[:16]])
+
+    def measure(scenario: str, loads: dict, clients: int) -> None:
+        watch = watchers(live, "bento")  # each window's CPU, and our requests per HTTP worker
+        for name, ws in http.interleaved(live, loads, clients, cfg["windows"], alone=True, watch=watch).items():
+            row = {"server": name, "scenario": scenario, "concurrency": clients, **http.median_of(ws)}
+            if name == "bento":
+                row["worker_requests"] = [w["worker_requests"] for w in ws]
+            rows.append(row)
+
     with contextlib.ExitStack() as stack:
         live = {name: stack.enter_context(known[name]) for name in names}
         for c in cfg["concurrency"]:
-            loads = {name: (*one[name], cfg["window_s"]) for name in names}
-            for name, ws in http.interleaved(live, loads, c, cfg["windows"], alone=True).items():
-                rows.append({"server": name, "scenario": "png1", "concurrency": c, **http.median_of(ws)})
+            measure("png1", {name: (*one[name], cfg["window_s"]) for name in names}, c)
             bar.update()
-            loads = {name: (one[name][0], many, ctype64, 2 * cfg["window_s"]) for name in multi}
-            for name, ws in http.interleaved(live, loads, c, cfg["windows"], alone=True).items():
-                rows.append({"server": name, "scenario": "png64", "concurrency": c, **http.median_of(ws)})
+            measure("png64", {name: (one[name][0], many, ctype64, 2 * cfg["window_s"]) for name in multi}, c)
             bar.update()
+        measure("png16", {name: (one[name][0], sixteen, ctype16, cfg["window_s"]) for name in multi}, 8)
+        bar.update()
         for row in rows:
-            row["images_per_s"] = row["requests_per_s"] * (64 if row["scenario"] == "png64" else 1)
+            row["images_per_s"] = row["requests_per_s"] * PER_REQUEST[row["scenario"]]
+        paths = {name: one[name][0] for name in ["bento", *peers]}  # the realistic inputs: ours and the peers
+        extra["kinds"] = kinds.measure(live, paths, KindsConfig(**cfg["kinds"]), images, export_dir)
+        bar.update()
         with http.only(live, "bento", alone=True):
             extra["v2"] = run_v2(live["bento"], cfg, images, x_norm)
             bar.update()
@@ -161,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_rounds": 2,
             "inf_windows": 3,
             "inf_window_s": 0.2,
+            "kinds": asdict(kinds.QUICK),
         }
         if args.quick
         else {
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_rounds": 3,
             "inf_windows": 5,
             "inf_window_s": 0.5,
+            "kinds": asdict(KindsConfig()),  # the realistic inputs (bench/peers/kinds.py): about 5 minutes
         }
     )
     checkpoint = args.checkpoint or default_checkpoint()

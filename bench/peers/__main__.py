@@ -3,8 +3,9 @@ FastAPI app, each doing the same work per request (bench/peers/work.py), all run
 
 ``--check`` starts them and compares their answers with in-process ONNX Runtime. ``--compare`` checks, then
 takes wrk windows from each server in turn (``bench.http.interleaved``) at each concurrency with a one-PNG
-body, then a 64-PNG body for the servers that answer every file of such a request, and writes
-bench/results/peers.{json,md}. Needs `make bench-peers` first (the peers' own venv, .bench-venv/).
+body, then a 64-PNG body for the servers that answer every file of such a request, then the realistic inputs
+and their mix (bench/peers/kinds.py), and writes bench/results/peers.{json,md}. Needs `make bench-peers` first
+(the peers' own venv, .bench-venv/).
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import http
+from bench.peers import kinds
 from bench.peers.check import PeerMismatch, check_peer
-from bench.peers.cpu import OtherLoad, idle_shares, wait_quiet
+from bench.peers.cpu import OtherLoad, idle_shares, wait_quiet, watchers
 from bench.peers.servers import PeerServer, peer_servers
+from bench.report import kinds_section
 from training.data import load_mnist, resolve_data_dir
 
 BOOK = http.REPO.parent / "shared" / "book" / "convnet.pth"
 RESULTS = http.REPO / "bench" / "results"
 OURS = "bento"
+SCENARIOS = ("png1", "png16", "png64", "kinds")
 
 
 def servers(export_dir: Path, home: str, only: list[str]) -> dict[str, http.Server]:
@@ -65,11 +69,17 @@ def check_all(live: dict[str, http.Server], export_dir: Path, mnist_u8) -> dict[
 
 
 def compare(
-    live: dict[str, http.Server], images, clients: list[int], rounds: int, window_s: int, alone: bool
+    live: dict[str, http.Server],
+    images,
+    clients: list[int],
+    rounds: int,
+    window_s: int,
+    alone: bool,
+    only_scenarios: tuple[str, ...] = ("png1", "png64"),
 ) -> list[dict]:
     rows = []
-    scenarios = {"png1": (1, window_s), "png64": (64, 2 * window_s)}  # 64-image requests: longer windows
-    steps = [(s, c) for s in scenarios for c in clients]
+    scenarios = {"png1": (1, window_s), "png16": (16, window_s), "png64": (64, 2 * window_s)}  # 64: longer windows
+    steps = [(s, c) for s in scenarios if s in only_scenarios for c in clients]
     for scenario, c in tqdm(steps, desc="peers", unit="point", disable=None):
         count, seconds = scenarios[scenario]
         body, ctype = http.png_request(images, count)
@@ -79,10 +89,11 @@ def compare(
             if count == 1 or multi_image(server)
         }
         with OtherLoad(live) as other:
-            windows = http.interleaved(live, loads, c, rounds, alone)
+            windows = http.interleaved(live, loads, c, rounds, alone, watchers(live, OURS))
         for name, ws in windows.items():
             row = {"server": name, "scenario": scenario, "concurrency": c, **http.median_of(ws)}
             row["other_cpu_share"] = other.share
+            row |= {"worker_requests": [w["worker_requests"] for w in ws]} if name == OURS else {}
             rows.append({**row, "images_per_s": row["requests_per_s"] * count})
     return rows
 
@@ -95,17 +106,30 @@ def markdown(result: dict) -> str:
         + ("; the others frozen (SIGSTOP) during each one's windows. " if result["others_frozen"] else ". ")
         + "'other load': the share of the machine that processes outside this benchmark took meanwhile.\n",
     ]
-    for scenario, title in (("png1", "one PNG per request"), ("png64", "64 PNGs per request")):
+    titles = (("png1", "one PNG per request"), ("png16", "16 PNGs per request"), ("png64", "64 PNGs per request"))
+    for scenario, title in titles:
         rows = [r for r in result["rows"] if r["scenario"] == scenario]
         if not rows:
             continue
-        out += [f"\n## {title}\n", "| server | clients | req/s | images/s | p50 ms | p99 ms | errors | other load |"]
-        out += ["|---" * 8 + "|"]
+        out += [
+            f"\n## {title}\n",
+            "| server | clients | req/s | images/s | p50 ms | p99 ms | errors | server CPU ms/request | cores | "
+            "other load |",
+        ]
+        out += ["|---" * 10 + "|"]
         out += [
             f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['other_cpu_share']:.0%} |"
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r.get('cpu_ms', float('nan')):.2f} | "
+            f"{r.get('cores_used', float('nan')):.2f} | {r['other_cpu_share']:.0%} |"
             for r in sorted(rows, key=lambda r: (r["concurrency"], -r["requests_per_s"]))
         ]
+        out += [
+            f"- ours at {r['concurrency']} clients, requests per HTTP worker in each window: "
+            + "; ".join(", ".join(f"worker {w}: {n:,}" for w, n in split.items()) for split in r["worker_requests"])
+            for r in rows
+            if r.get("worker_requests")
+        ]
+    out += kinds_section(result.get("kinds"))
     out += ["\n## CPU use of each server while idle, not frozen\n"]
     out += [f"- {name}: {share:.1%} of the machine" for name, share in result["idle_cpu_share"].items()]
     out += ["\n## Correctness check\n"] + [f"- {name}: {note}" for name, note in result["checks"].items()]
@@ -124,7 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=str(BOOK), help="the model every server serves")
     p.add_argument("--no-freeze", action="store_true", help="leave the other servers running during a window")
     p.add_argument("--wait-quiet", type=float, default=600, help="seconds to wait for other load to stop")
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        default=list(SCENARIOS),
+        help="png1: one PNG per request; png16: 16; png64: 64; kinds: the realistic inputs and their mix",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one round of 2 s windows, 8 clients; of the realistic inputs, the canvas and the mix",
+    )
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.window, args.clients = 1, 2, [8]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind the servers' context managers
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -145,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         if quiet >= 0.1:
             logging.warning("other processes still take %.0f%% of the machine; measuring anyway", 100 * quiet)
         idle = idle_shares(live)
-        rows = compare(live, images, args.clients, args.rounds, args.window, not args.no_freeze)
+        rows = compare(live, images, args.clients, args.rounds, args.window, not args.no_freeze, args.scenarios)
+        found = None
+        if "kinds" in args.scenarios:
+            cfg = kinds.QUICK if args.quick else kinds.KindsConfig()
+            paths = {name: predict_path(server) for name, server in live.items()}
+            found = kinds.measure(live, paths, cfg, images, export_dir, not args.no_freeze, OURS)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -155,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "idle_cpu_share": idle,
         "rows": rows,
+        "kinds": found,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peers.json").write_text(json.dumps(result, indent=2) + "\n")

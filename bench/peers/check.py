@@ -35,7 +35,7 @@ def _post(url: str, files: list[tuple[str, bytes]]) -> list[dict]:
     return response.json()
 
 
-def _differences(label: str, got: list[dict], want: list[dict]) -> list[str]:
+def differences(label: str, got: list[dict], want: list[dict]) -> list[str]:
     if len(got) != len(want):
         return [f"{label}: {len(got)} answers for {len(want)} images"]
     out = []
@@ -55,7 +55,7 @@ def _concurrent(url: str, files: list, want: list[dict], multi_image: bool) -> l
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         answers = pool.map(lambda job: _post(url, [files[i] for i in job]), jobs)
         return [
-            d for job, got in zip(jobs, answers) for d in _differences(f"concurrent {job}", got, [want[i] for i in job])
+            d for job, got in zip(jobs, answers) for d in differences(f"concurrent {job}", got, [want[i] for i in job])
         ]
 
 
@@ -72,11 +72,11 @@ def check_peer(url: str, path: str, export_dir: Path, mnist_u8: np.ndarray, mult
     first = files[:SEQUENTIAL]
     for (name, data), w in zip(first, want):
         got = _post(url + path, [(name, data)])
-        problems += _differences(name, got, [w])
+        problems += differences(name, got, [w])
         if name == BOOK_IMAGE.name and got and got[0]["digit"] != BOOK_DIGIT:
             problems.append(f"the book's image answered {got[0]['digit']}, not {BOOK_DIGIT}")
     got = _post(url + path, first)
-    many = _differences(f"{len(first)} files in one request", got, want[: len(first)])
+    many = differences(f"{len(first)} files in one request", got, want[: len(first)])
     problems += many if multi_image else []
     problems += _concurrent(url + path, files, want, multi_image)
     if problems:
@@ -86,7 +86,7 @@ def check_peer(url: str, path: str, export_dir: Path, mnist_u8: np.ndarray, mult
         return f"{len(first)} images alone and in one request, {together}"
     last = (
         "the last file's answer"
-        if not _differences("last", got, want[len(first) - 1 : len(first)])
+        if not differences("last", got, want[len(first) - 1 : len(first)])
         else "not the last's"
     )
     return f"{len(first)} images alone: same answers; in one request: {len(got)} answer(s), {last}; {together}"
