@@ -62,6 +62,13 @@ class ServiceConfig:
         minimum=0,
         maximum=64,
     )
+    work_batch_scheduling: bool = setting(
+        "MNIST_WORK_SCHED_BATCH",
+        True,
+        "work processes run under Linux's SCHED_BATCH: waking with a batch, they do not preempt the HTTP workers "
+        "mid-request, which costs both caches (docs/performance.md); 0: the default policy",
+        minimum=0,
+    )
     threads_per_worker: int = setting(
         "MNIST_THREADS",
         1,

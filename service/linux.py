@@ -1,5 +1,5 @@
 """What the service asks of Linux and glibc directly (elsewhere these do nothing): giving memory back after
-large requests, and a signal when the parent process dies.
+large requests, a signal when the parent process dies, and the scheduling policy of the work processes.
 
 glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB), so after one large
 body every later one is carved from the heap, and a heap fragmented by a burst of them is kept
@@ -10,6 +10,7 @@ are freed, and ``release()`` hands back the free pages left inside the heap.
 from __future__ import annotations
 
 import ctypes
+import os
 
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 * 1024  # buffers this large or larger get their own mapping (glibc's default is 128 KiB)
@@ -43,3 +44,16 @@ def release() -> None:
     """Return the free pages of the heap to the system (a few ms for a large heap: not per request)."""
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+def batch_scheduling() -> bool:
+    """Run this process (and the threads it starts later) under SCHED_BATCH: CPU-bound work that does not
+    preempt the running task when it wakes, so that a work process handed a batch lets its HTTP worker finish
+    what it is doing on that core first (docs/performance.md). Whether the policy was set."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]  # numpy's BLAS started its own at import
+        for thread in threads:
+            os.sched_setscheduler(thread, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it: the default policy stays
+        return False
+    return True

@@ -244,6 +244,8 @@ def serve(sock: socket.socket) -> int:
         return 0
     from service.model.files import ModelFileError
 
+    if init.limits.get("work_batch_scheduling", True):  # before any thread starts: they inherit the policy
+        linux.batch_scheduling()
     try:
         work = Work(init)
     except ModelFileError as exc:  # reported to the worker, which stops start-up with it

@@ -316,3 +316,15 @@ def test_requests_whose_clients_left_are_dropped_unrun(make_batcher, digits):
     assert left.cancelled()
     assert batcher.counters.abandoned == 1 and batcher.counters.batches == 2  # the abandoned one never ran
     assert batcher.admitted == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize("batch_policy", [True, False])
+def test_work_processes_run_under_sched_batch_unless_turned_off(make_batcher, digits, batch_policy):
+    batcher = make_batcher(work_procs=1, express_procs=1, work_batch_scheduling=batch_policy)
+    want = os.SCHED_BATCH if batch_policy else os.SCHED_OTHER
+    for process in batcher.processes:  # the express process too; and every thread it started
+        threads = os.listdir(f"/proc/{process.proc.pid}/task")
+        assert {os.sched_getscheduler(int(t)) for t in threads} == {want}
+    answer = asyncio.run(batcher.submit(InputKind.ENCODED, [digits[0][0]], 1))
+    assert int(answer.log_probs.argmax()) == digits[1][0]
