@@ -323,9 +323,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self._in_head, self._raw_head_bytes = True, 0
+        # a head held with no body to follow (HEAD, 204, 304) leaves now: a shed, a half-close or an end of file
+        # read next may close the socket below the glue's transport before the loop's next turn
+        self.transport.flush()
         super().on_response_complete()
         if self._peer_done:
-            self.transport.flush()  # a head held with no body to follow (HEAD, 204)
             self._raw.close()
         elif not self.transport.is_closing() and not self.pipeline:
             WAITING[self] = None

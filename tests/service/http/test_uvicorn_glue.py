@@ -83,6 +83,11 @@ async def app(scope, receive, send):
     answer = b"ok %d" % len(body)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]})
     await send({"type": "http.response.body", "body": answer})
+    if scope["path"] == "/then":  # right after the answer is complete, in the same turn of the loop
+        AFTER_ANSWER[0]()
+
+
+AFTER_ANSWER = [lambda: None]
 
 
 @pytest.fixture
@@ -265,6 +270,28 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(settings):
     keep_open, transport = asyncio.run(scenario())
     assert keep_open is True
     assert transport.status() == 200 and transport.written.endswith(b"ok 3") and transport.closed
+
+
+@pytest.mark.parametrize("method", [b"HEAD", b"GET"])
+def test_an_answer_without_a_body_is_written_before_an_end_of_file_closes_the_socket(settings, method):
+    async def scenario():
+        protocol, transport = await _connect()
+
+        def end_of_file():  # nc -N: asyncio closes the socket itself, below the glue's transport, when
+            if not protocol.eof_received():  # eof_received says so, before the loop's next turn
+                transport.close()
+
+        AFTER_ANSWER[0] = end_of_file
+        protocol.data_received(method + b" /then HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.01)
+        return transport
+
+    try:
+        transport = asyncio.run(scenario())
+    finally:
+        AFTER_ANSWER[0] = lambda: None
+    assert transport.closed and transport.status() == 200 and b"content-length: 4" in transport.written.lower()
+    assert transport.written.endswith(b"\r\n\r\n" if method == b"HEAD" else b"ok 0")  # HEAD: the head alone
 
 
 def test_a_half_close_with_nothing_in_progress_closes(settings):
