@@ -2,7 +2,8 @@
 
 Dynamic batching with no queue delay, as Triton's dynamic batcher does it: a request goes to a work process at
 once when one is idle; requests that arrive while every process is busy queue, and the next process to finish
-takes all of them (up to ``max_batch_size`` images and one request's pixel budget) as one batch.
+takes all of them (up to ``max_batch_size`` images and one request's pixel budget) as one batch. A request far
+smaller than the average admitted one queues ahead of the larger ones.
 
 The queue is bounded in images and in estimated seconds of work. A request's work is counted in units
 (``work_units`` in service/engine/messages.py): the pixels its images declare (service/inputs/image_size.py;
@@ -62,6 +63,8 @@ class Pending:
     future: asyncio.Future
     timeline: Timeline | None = None
     at_once: bool = False
+    ahead: bool = False  # queued ahead of the larger requests (``Batcher._enqueue``)
+    dispatched: bool = False  # handed to a work process
 
 
 @dataclass
@@ -96,6 +99,9 @@ class Batcher:
         self.requests = 0  # requests admitted and not answered yet
         self.seconds_per_unit = PRIOR_SECONDS_PER_UNIT  # CPU seconds: a moving average over recent batches
         self.learned = False  # whether a batch has set the price yet
+        # the wall time batches took, and their CPU time, moving averages: how much longer than its CPU a batch
+        # runs when the cores are shared (uploads read, other processes' batches), for ``_all_long``
+        self.batch_wall_s = self.batch_cpu_s = 0.0
         self.counters = Counters()
         self.closing = False
         self.restarting = 0  # replacements being started: requests wait for them rather than being refused
@@ -119,6 +125,7 @@ class Batcher:
             "admitted_units": self.admitted_units,
             "queued_seconds": round(self._queued_seconds(0), 3),
             "seconds_per_unit": self.seconds_per_unit,
+            "wall_over_cpu": round(self.stretch(), 2),
             "counters": {k: v for k, v in vars(c).items() if k != "last_batch"},
         }
 
@@ -144,7 +151,7 @@ class Batcher:
         overdraft = self._admit(images, units, small)
         future = asyncio.get_running_loop().create_future()
         job = Job(next(self._ids), kind, payload, want_inputs, declared, request_id)
-        pending = Pending(job, images, pixels, units, future, timeline)
+        pending = Pending(job, images, pixels, units, future, timeline, ahead=self._far_smaller(units))
         if timeline is not None:
             timeline.queued_ns = time.time_ns()
         self.admitted += images
@@ -153,9 +160,9 @@ class Batcher:
         self.overdraft_units += units if overdraft else 0
         self.overdraft_images += images if overdraft else 0
         self.requests += 1
-        self.queue.append(pending)
+        self._enqueue(pending)
         self._dispatch()
-        pending.at_once = not self.queue or self.queue[-1] is not pending  # already on its way to a process
+        pending.at_once = pending.dispatched  # already on its way to a process
         self.counters.at_once += pending.at_once
         self.counters.queued += not pending.at_once
         try:
@@ -211,9 +218,26 @@ class Batcher:
         self.counters.refused += count
         raise overloaded(problem, max(config.retry_after_s, math.ceil(min(wait_s, config.max_queue_s))))
 
+    def _far_smaller(self, units: int) -> bool:
+        """Whether a request is far smaller than the average one admitted (before it is)."""
+        return bool(self.requests) and units * FAR_SMALLER <= self.admitted_units / self.requests
+
+    def _enqueue(self, pending: Pending) -> None:
+        """At the back of the queue; a request far smaller than the average admitted one goes ahead of the larger
+        ones, behind the others that went ahead: a lone digit waits for the next batch, not for every 9-megapixel
+        upload queued before it. The larger requests wait longer by little: the work that goes ahead is far
+        smaller than theirs, and the overdraft bounds how much of it is admitted past the queue's bounds."""
+        if not pending.ahead:
+            self.queue.append(pending)
+            return
+        place = 0
+        while place < len(self.queue) and self.queue[place].ahead:
+            place += 1
+        self.queue.insert(place, pending)
+
     def _overdraft_admits(self, units: int, images: int) -> bool:
         """A request far smaller than the average admitted one, within a share of both bounds in all."""
-        far_smaller = units * FAR_SMALLER <= self.admitted_units / max(1, self.requests)
+        far_smaller = self._far_smaller(units)
         overdraft_s = (self.overdraft_units + units) * self.seconds_per_unit / self._normal()
         within = overdraft_s <= OVERDRAFT_SHARE * self.config.max_queue_s
         within &= self.overdraft_images + images <= OVERDRAFT_SHARE * self.config.max_queue_images
@@ -240,10 +264,27 @@ class Batcher:
         if self.idle:
             return False
         others = (p for p in self.processes if p not in self.express)
-        return all(self.running.get(p, 0) * self.seconds_per_unit >= EXPRESS_AFTER_S for p in others)
+        long_units = EXPRESS_AFTER_S / (self.seconds_per_unit * self.stretch())  # long in the time a client waits
+        return all(self.running.get(p, 0) >= long_units for p in others)
+
+    def stretch(self) -> float:
+        """Wall time over CPU time of recent batches (at least 1): the price is CPU time, a client waits in wall
+        time, and on shared cores a batch of 0.2 s of CPU kept a lone digit waiting 0.9 s (docs/performance.md)."""
+        return max(1.0, self.batch_wall_s / self.batch_cpu_s) if self.batch_cpu_s > 0 else 1.0
+
+    def _learn_stretch(self, wall_s: float, cpu_s: float) -> None:
+        if cpu_s <= 0:  # this VM's CPU clock moves in ticks: a short batch may read 0
+            return
+        if self.batch_cpu_s == 0:
+            self.batch_wall_s, self.batch_cpu_s = wall_s, cpu_s
+        else:
+            self.batch_wall_s = 0.9 * self.batch_wall_s + 0.1 * wall_s
+            self.batch_cpu_s = 0.9 * self.batch_cpu_s + 0.1 * cpu_s
 
     def _start(self, process: WorkProcess, batch: list[Pending]) -> None:
         self.running[process] = sum(p.units for p in batch)
+        for pending in batch:
+            pending.dispatched = True
         task = asyncio.get_running_loop().create_task(self._run(process, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -316,6 +357,7 @@ class Batcher:
         answers = done.answers
         # priced on the CPU time the work took and the work it really did: neither a request's headers nor a
         # slow machine (refusals competing for the cores, another job) moves it
+        self._learn_stretch(seconds, done.stats.cpu_ns / 1e9)
         if done.stats.units:
             self._learn_price(done.stats.cpu_ns / 1e9, done.stats.units)
         else:  # nothing was done in full (every request failed): its CPU time may raise the price, never lower it

@@ -159,7 +159,7 @@ class FakeWork:
                 x = prepared[job.id]
                 inputs = x if job.want_inputs else None
                 answers[job.id] = Done(model(x), inputs, start, model_start, model_start, model_end, model_images)
-        stats = BatchStats(model_images, cpu_ns=round(farm.seconds * 1e9), units=units)
+        stats = BatchStats(model_images, cpu_ns=round(farm.seconds * farm.cpu_share * 1e9), units=units)
         return BatchDone(batch.id, answers, stats)
 
     def close(self, kill: bool = False) -> None:
@@ -175,6 +175,7 @@ class Farm:
         self.batches: list[Seen] = []
         self.hold: asyncio.Event | None = None  # every run waits for it: the processes are busy until it is set
         self.seconds = 0.0  # what each batch costs on the fake clock
+        self.cpu_share = 1.0  # the part of it the process reports as its CPU time (the rest: shared cores)
         # what the next starts do (restarts run in a thread): a threading.Event is waited for, an exception is
         # raised (ending that start); a start takes entries until it raises or the plan is empty, then starts
         self.plan: list[threading.Event | Exception] = []
@@ -375,6 +376,33 @@ def test_requests_that_arrive_while_busy_queue_and_go_as_one_batch(rig):
         assert done.batch_images == (1 if len(x) == 1 else 14)
 
 
+def test_a_request_far_smaller_than_those_admitted_goes_ahead_of_them_in_order_of_arrival(rig):
+    """Batches of at most 16 images: three 14-image requests queued behind a running one. Two lone images that
+    come next go ahead of the three (each far smaller than the average admitted request), the first first; a
+    3-image request is not that much smaller and keeps its place at the back."""
+    r = rig(max_batch_size=16)
+
+    async def scenario():
+        hold = busy(r)
+        tasks = [await submitted(r.batcher.submit(InputKind.PIXELS, pixels(14, seed=i), 14)) for i in range(4)]
+        await until(lambda: len(r.farm.batches) == 1, "the first batch reached the process")
+        tasks.append(await submitted(r.batcher.submit(InputKind.PIXELS, pixels(3, seed=7), 3)))
+        for seed in (8, 9):
+            tasks.append(await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1, seed=seed), 1)))
+        queued = [p.images for p in r.batcher.queue]
+        hold.set()
+        return queued, await asyncio.gather(*tasks)
+
+    queued, answers = run(scenario())
+    assert queued == [1, 1, 14, 14, 14, 3]
+    assert r.farm.batch_sizes() == [[14], [1, 1, 14], [14], [14], [3]]
+    seeds = [0, 1, 2, 3, 7, 8, 9]
+    for done, seed, n in zip(answers, seeds, [14, 14, 14, 14, 3, 1, 1]):
+        assert_answers(done, pixels(n, seed=seed))  # each answer is its own request's
+    c = r.batcher.counters
+    assert (c.at_once, c.queued) == (1, 6)
+
+
 @pytest.mark.parametrize(
     "max_batch_size, per_request, requests, expected",
     [
@@ -530,7 +558,9 @@ def test_a_request_error_reaches_only_its_own_request(rig):
     assert isinstance(failed, RequestError) and failed.status == 400 and failed.message == "images[1] is not an image"
     for done, data in zip(answers, [good[0], good[1], good[3]]):
         assert_answers(done, decode(data)[None])
-    assert r.farm.batch_sizes() == [[1], [1, 2, 1]]  # the bad request ran in the same batch
+    # the bad request ran in the same batch; its unreadable file is priced as the largest image, so the lone
+    # request after it, far smaller, went ahead of it
+    assert r.farm.batch_sizes() == [[1], [1, 1, 2]]
     assert r.metrics.model_images == [1, 2]  # its images are not in the model call
     assert r.batcher.counters.restarts == 0 and len(r.farm.made) == 1  # nobody's process was at fault
 
@@ -1077,6 +1107,34 @@ def test_a_small_request_goes_to_the_express_process_only_behind_a_long_batch(ri
         assert [b.pid for b in r.farm.batches] == [normal, normal]
 
 
+@pytest.mark.parametrize("cpu_share, goes_express", [(0.25, True), (1.0, False)], ids=["shared cores", "idle"])
+def test_a_batch_is_long_by_the_wall_time_batches_take_over_their_cpu_time(rig, cpu_share, goes_express):
+    """100 array images: 6.6 million units, 0.066 s of CPU at 1e-8 s a unit, short of EXPRESS_AFTER_S. Where
+    batches have been taking 4x their CPU time in wall time (the cores shared), that is 0.27 s of waiting: long,
+    and a small request goes to the express process."""
+    r = rig(processes=1, express=1)
+    r.farm.seconds, r.farm.cpu_share = 0.3, cpu_share
+
+    async def scenario():
+        await r.batcher.submit(InputKind.PIXELS, pixels(2), 2)  # teaches the batcher wall over CPU
+        stretch = r.batcher.stretch()
+        r.batcher.seconds_per_unit = 1e-8
+        r.farm.batches.clear()
+        hold = busy(r)
+        long = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(100), 100))
+        small = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        await settled()
+        seen = [len(b.jobs[0].payload) for b in r.farm.batches]
+        hold.set()
+        await asyncio.gather(long, small)
+        return stretch, seen
+
+    stretch, seen = run(scenario())
+    assert stretch == pytest.approx(1 / cpu_share)
+    assert seen == ([100, 1] if goes_express else [100])
+    assert r.batcher.counters.express == int(goes_express)
+
+
 def test_the_express_process_takes_small_requests_only_and_from_anywhere_in_the_queue(rig):
     r = rig(processes=1, express=1, max_queue_s=1e9)
     r.batcher.seconds_per_unit = 1e-8
@@ -1280,6 +1338,7 @@ def test_state_while_busy(rig):
         "admitted_units": units,
         "queued_seconds": round(units * 1e-6, 3),
         "seconds_per_unit": 1e-6,
+        "wall_over_cpu": 1.0,
         "counters": {
             "batches": 1,
             "at_once": 1,
@@ -1303,6 +1362,7 @@ def test_a_fresh_batcher(rig):
         "admitted_units": 0,
         "queued_seconds": 0.0,
         "seconds_per_unit": PRIOR_SECONDS_PER_UNIT,
+        "wall_over_cpu": 1.0,
         "counters": {
             "batches": 0,
             "at_once": 0,
