@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     linux.on_parent_death(signal.SIGKILL)
-    linux.fix_mmap_threshold()
+    linux.fix_mmap_threshold(linux.WORK_MMAP_THRESHOLD, linux.WORK_TRIM_THRESHOLD)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [%(levelname)s] [work:{os.getpid()}] %(message)s")
     with socket.socket(fileno=args.fd) as sock:
         try:
