@@ -246,9 +246,17 @@ def median_of(windows: list[dict]) -> dict:
 
 
 def bento_server(name: str, bentoml_home: str, env: dict | None = None, cwd: Path = REPO, target: str = "") -> Server:
-    """`bentoml serve` from ``cwd`` (our service, unless ``target`` names another), with extra environment."""
+    """`bentoml serve` from ``cwd`` (our service, unless ``target`` names another), with extra environment.
+
+    Each server gets a home of its own under ``bentoml_home`` that shares its model store: BentoML keeps its
+    multiprocess metrics in the home and clears them when a server starts, so that servers sharing one home
+    lost each other's (our /metrics showed none of its own once the do-nothing server had started)."""
     argv = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
-    env = {"BENTOML_HOME": bentoml_home, "MNIST_DRAIN_S": "0", **(env or {})}  # a benchmark stops it at once
+    home = Path(bentoml_home) / "servers" / name
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").is_symlink():
+        (home / "models").symlink_to(Path(bentoml_home).resolve() / "models", target_is_directory=True)
+    env = {"BENTOML_HOME": str(home), "MNIST_DRAIN_S": "0", **(env or {})}  # a benchmark stops it at once
     return Server(name, argv + ([target] if target else []), "/readyz", env, cwd)
 
 

@@ -377,7 +377,7 @@ def _split(ours: dict) -> str:
         for split in windows
         if (total := sum(split.values()))
     ]
-    return f" Requests per HTTP worker, each window: {', '.join(shares)}."
+    return f" Requests per HTTP worker, each window: {', '.join(shares)}." if shares else ""
 
 
 def _sixteen(rows: list[dict]) -> list[str]:
