@@ -310,6 +310,8 @@ class Batcher:
             full = images + pending.images > self.config.max_batch_size
             full |= pixels + pending.pixels > self.config.max_request_pixels
             full |= small_only and (units + pending.units) * self.seconds_per_unit > EXPRESS_MAX_S
+            # the small requests that went ahead run on their own: beside a large one they would wait for its work
+            full |= bool(batch) and batch[0].ahead and not pending.ahead
             if batch and (not self.config.batching or full):
                 break
             batch.append(self.queue.popleft())

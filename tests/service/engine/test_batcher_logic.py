@@ -378,8 +378,8 @@ def test_requests_that_arrive_while_busy_queue_and_go_as_one_batch(rig):
 
 def test_a_request_far_smaller_than_those_admitted_goes_ahead_of_them_in_order_of_arrival(rig):
     """Batches of at most 16 images: three 14-image requests queued behind a running one. Two lone images that
-    come next go ahead of the three (each far smaller than the average admitted request), the first first; a
-    3-image request is not that much smaller and keeps its place at the back."""
+    come next go ahead of the three (each far smaller than the average admitted request), the first first, and
+    run as a batch of their own; a 3-image request is not that much smaller and keeps its place at the back."""
     r = rig(max_batch_size=16)
 
     async def scenario():
@@ -395,7 +395,8 @@ def test_a_request_far_smaller_than_those_admitted_goes_ahead_of_them_in_order_o
 
     queued, answers = run(scenario())
     assert queued == [1, 1, 14, 14, 14, 3]
-    assert r.farm.batch_sizes() == [[14], [1, 1, 14], [14], [14], [3]]
+    # the two lone images run on their own: beside a 14-image request they would wait for its work
+    assert r.farm.batch_sizes() == [[14], [1, 1], [14], [14], [14], [3]]
     seeds = [0, 1, 2, 3, 7, 8, 9]
     for done, seed, n in zip(answers, seeds, [14, 14, 14, 14, 3, 1, 1]):
         assert_answers(done, pixels(n, seed=seed))  # each answer is its own request's
@@ -558,10 +559,10 @@ def test_a_request_error_reaches_only_its_own_request(rig):
     assert isinstance(failed, RequestError) and failed.status == 400 and failed.message == "images[1] is not an image"
     for done, data in zip(answers, [good[0], good[1], good[3]]):
         assert_answers(done, decode(data)[None])
-    # the bad request ran in the same batch; its unreadable file is priced as the largest image, so the lone
-    # request after it, far smaller, went ahead of it
-    assert r.farm.batch_sizes() == [[1], [1, 1, 2]]
-    assert r.metrics.model_images == [1, 2]  # its images are not in the model call
+    # the bad request ran in the same batch as the one before it; its unreadable file is priced as the largest
+    # image, so the lone request after it, far smaller, went ahead and ran on its own
+    assert r.farm.batch_sizes() == [[1], [1], [1, 2]]
+    assert r.metrics.model_images == [1, 1, 1]  # its images are not in the model call
     assert r.batcher.counters.restarts == 0 and len(r.farm.made) == 1  # nobody's process was at fault
 
 
