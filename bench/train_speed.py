@@ -30,7 +30,9 @@ def measure(epochs: int, limit: int | None, device: str = "cpu", data_dir: str |
     for _ in range(rounds):
         book = run_book_training(root, epochs=epochs, limit=limit, device=device)
         with tempfile.TemporaryDirectory() as out:
-            ours = train(TrainConfig(epochs=epochs, limit=limit, data_dir=root, out=out, device=device)).metrics
+            # holdout=0: the same images as the book's loop, so the epochs compare
+            cfg = TrainConfig(epochs=epochs, limit=limit, holdout=0, data_dir=root, out=out, device=device)
+            ours = train(cfg).metrics
         book_epochs += book["epoch_seconds"]
         ours_epochs += [h["epoch_seconds"] for h in ours["history"]]
         ratios.append(statistics.median(book["epoch_seconds"]) / statistics.median(ours_epochs[-epochs:]))

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export import formats
 from export.verify import verify
 from training.checkpoint import Checkpoint, build_model, file_sha256, load_checkpoint, save_checkpoint
-from training.data import load_mnist, resolve_data_dir, to_model_input
+from training.data import dataset_sha256, load_mnist, resolve_data_dir, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,30 @@ def export_all(model: torch.nn.Module, out: Path, opset: int) -> dict[str, Path]
     return paths
 
 
+def _calibration(model, ckpt: Checkpoint, root: Path, x_test: torch.Tensor, test_labels, out: Path) -> dict:
+    """The manifest's calibration section (export/calibration.py) from the eager model: the test set's ECE and
+    diagram, and a temperature fitted on the training images the checkpoint says the model never saw."""
+    from export.calibration import calibrate
+
+    def log_probs(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)]).numpy()
+
+    holdout, heldout = ckpt.provenance.get("holdout"), (None, None)
+    missing = "the checkpoint records no held-out split (its model may have seen every training image)"
+    if holdout and holdout["stop"] == holdout["start"]:
+        missing = "the checkpoint was trained with no held-out split (holdout 0)"
+    elif holdout and ckpt.provenance.get("data_sha256") != dataset_sha256(root):
+        missing = f"the MNIST files in {root} differ from those the checkpoint was trained on (data sha256)"
+    elif holdout:
+        images, labels = load_mnist(root, train=True)
+        part = slice(holdout["start"], holdout["stop"])
+        heldout = (log_probs(to_model_input(images[part], ckpt.normalization)), labels[part].numpy())
+    section = calibrate(log_probs(x_test), test_labels.numpy(), *heldout, out, missing)
+    log.info("calibration: test ECE %.2f%% (%d bins); %s", 100 * section["ece"], section["bins"], section["reason"])
+    return section
+
+
 def build(cfg: ExportConfig) -> BuildResult:
     ckpt = load_checkpoint(cfg.checkpoint)
     model = build_model(ckpt)
@@ -107,6 +132,7 @@ def build(cfg: ExportConfig) -> BuildResult:
 
     runners = {fmt: formats.load_runner(fmt, path) for fmt, path in paths.items()}
     report = verify(model, runners, x_test, test_labels)  # raises VerificationError: then no manifest is written
+    calibration = _calibration(model, ckpt, root, x_test, test_labels, out)  # raw log-probs verified, above
     if int8_speed:
         report["formats"]["onnx-int8"]["speed"] = int8_speed
         log.info(
@@ -141,6 +167,7 @@ def build(cfg: ExportConfig) -> BuildResult:
             "provenance": {k: v for k, v in ckpt.provenance.items() if k != "checkpoint_sha256"},
         },
         "verification": report,
+        "calibration": calibration,  # the served probabilities are softmax(log_probs / temperature)
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_json_atomically(manifest, out / MANIFEST)

@@ -94,15 +94,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Answer:
-    log_probs: np.ndarray  # [N, 10]
+    log_probs: np.ndarray  # [N, 10], as the network gave them
     inputs: np.ndarray | None  # [N, 28, 28] in 0..1, the images the model saw, when asked for
+    temperature: float | None = None  # the manifest's calibration: probabilities are softmax(log_probs / T)
 
     def probabilities(self) -> np.ndarray:
         return self._probs
 
     @functools.cached_property
     def _probs(self) -> np.ndarray:
-        probs = np.exp(self.log_probs.astype(np.float64))
+        z = self.log_probs.astype(np.float64)
+        probs = np.exp(z / self.temperature if self.temperature else z)  # log_probs <= 0: no overflow
         return probs / probs.sum(axis=1, keepdims=True)
 
     @functools.cached_property
@@ -143,6 +145,8 @@ class Core:
         self.metrics, self.tracing = metrics, tracing
         self.runtime: RuntimeInfo = engine.info
         self.models = model_specs(manifest, self.runtime.runtime)
+        self.calibration = manifest.get("calibration") or {}  # exports before calibration have none
+        self.temperature = self.calibration.get("temperature")
 
     @property
     def ready(self) -> bool:
@@ -154,7 +158,7 @@ class Core:
         """Classify one request of at most ``images`` images (an upper bound where the payload is not parsed
         yet): the model's answer, or the RequestError the request ends in."""
         done = await self._run(kind, payload, images, return_input, call)
-        answer = Answer(done.log_probs, done.inputs)
+        answer = Answer(done.log_probs, done.inputs, self.temperature)
         if self.metrics is not None:
             self.metrics.observe_answer(*answer.digits_and_confidences(), _prepare_s(done, kind))
         return answer
@@ -167,7 +171,7 @@ class Core:
         """The exported network on its own input, [N, 1, 28, 28] normalized: its log-probabilities."""
         done = await self._run(InputKind.NORMALIZED, x, len(x), False, call)
         if self.metrics is not None:
-            self.metrics.observe_answer(*Answer(done.log_probs, None).digits_and_confidences())
+            self.metrics.observe_answer(*Answer(done.log_probs, None, self.temperature).digits_and_confidences())
         return done.log_probs
 
     async def _run(self, kind: InputKind, payload, images: int, want_inputs: bool, call: Call | None) -> Done:
@@ -196,6 +200,9 @@ class Core:
             "opset": self.manifest["opset"],
             "test_accuracy": verification["eager_test_accuracy"],
             "verified": verification["passed"],
+            "calibration": {
+                k: self.calibration.get(k) for k in ("temperature", "ece", "ece_at_temperature", "bins", "reason")
+            },
             "max_images_per_request": config.max_images_per_request,
             "batching": {
                 "enabled": config.batching,

@@ -22,6 +22,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -58,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="N",
-        help="train on the first N training images only (quick runs); the test set stays whole",
+        help="train on the first N training images not held out (quick runs); the test set stays whole",
+    )
+    p.add_argument(
+        "--holdout",
+        type=non_negative_int,
+        default=d.holdout,
+        metavar="N",
+        help=f"never train on the last N training images: the export fits its temperature on them "
+        f"(default {d.holdout}; 0 trains on all, as the book does)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
@@ -78,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             device=args.device,
             limit=args.limit,
+            holdout=args.holdout,
             download=not args.no_download,
         )
         result = train(cfg)

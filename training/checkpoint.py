@@ -8,7 +8,7 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` opens:
     normalization {"mean": ..., "std": ...}
     train_config  the TrainConfig it came from (empty for imported weights)
     metrics       test accuracy and loss, history
-    provenance    torch version, data sha256, git commit, creation time
+    provenance    torch version, data sha256, the held-out training images, git commit, creation time
 
 A bare ``state_dict`` (the book's ``convnet.pth``) is accepted too, with the chapter's defaults.
 """

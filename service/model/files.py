@@ -112,6 +112,12 @@ def _manifest_problem(m) -> str | None:
         return "verification.eager_test_accuracy"
     if type(m.get("opset")) is not int:
         return "opset"
+    calibration = m.get("calibration", {})  # absent in exports made before it
+    if not isinstance(calibration, dict):
+        return "calibration"
+    temperature = calibration.get("temperature")  # every answer's probabilities are divided by it
+    if temperature is not None and (not _number(temperature) or temperature <= 0):
+        return "calibration.temperature: a finite positive number, or null"
     return None
 
 

@@ -178,6 +178,11 @@ def test_project_checkpoint_exports_without_store(tiny_run, data_dir, tmp_path):
     assert result.manifest["source"]["kind"] == "checkpoint"
     assert result.manifest["source"]["metrics"]["test_accuracy"] == tiny_run.metrics["test_accuracy"]
     assert result.manifest["verification"]["eager_test_accuracy"] == pytest.approx(tiny_run.metrics["test_accuracy"])
+    # the tiny run held out the last 5,000 training images: the temperature is fitted on them
+    calibration = result.manifest["calibration"]
+    assert calibration["heldout_images"] == 5_000 and calibration["fitted_temperature"] > 0
+    assert (calibration["temperature"] is not None) == (calibration["ece_at_temperature"] < calibration["ece"])
+    assert (tmp_path / calibration["diagram"]).is_file()
 
 
 def test_wrong_shape_checkpoint_names_the_layer(tmp_path):

@@ -74,9 +74,9 @@ class FakeEngine:
         self.closed = True
 
 
-def make_core(config: ServiceConfig | None = None, tracing=None) -> Core:
+def make_core(config: ServiceConfig | None = None, tracing=None, manifest: dict = MANIFEST) -> Core:
     config = config or ServiceConfig()
-    return Core(config, MANIFEST, "mnist-convnet:v1", FakeEngine(config), None, tracing)
+    return Core(config, manifest, "mnist-convnet:v1", FakeEngine(config), None, tracing)
 
 
 @dataclass

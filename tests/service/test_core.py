@@ -10,7 +10,7 @@ import pytest
 
 from service.core import CONVNET, LIFECYCLE, PIPELINE, Answer, Call, InputKind, model_specs, not_ready
 from service.errors import RequestError
-from tests.service.fakes import MANIFEST, make_core
+from tests.service.fakes import MANIFEST, fake_log_probs, make_core
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +79,36 @@ def test_model_info_and_close():
     assert info["batcher"] == {"processes": 1, "fake": True} and core.version == "v1"
     core.close()
     assert core.engine.closed
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+CALIBRATED = {**MANIFEST, "calibration": {"bins": 15, "ece": 0.0048, "temperature": 1.5, "ece_at_temperature": 0.0036}}
+
+
+def test_served_probabilities_are_the_log_probabilities_over_the_temperature():
+    pixels = np.random.default_rng(2).random((3, 28, 28), dtype=np.float32)
+    raw, calibrated = (
+        asyncio.run(make_core(manifest=m).classify(InputKind.PIXELS, pixels, 3)) for m in (MANIFEST, CALIBRATED)
+    )
+    np.testing.assert_array_equal(calibrated.log_probs, raw.log_probs)  # the network's output is untouched
+    expected = softmax(raw.log_probs.astype(np.float64) / 1.5)
+    np.testing.assert_allclose(calibrated.probabilities(), expected, rtol=1e-12)
+    assert not np.allclose(raw.probabilities(), expected, rtol=1e-3)  # the temperature changes the answer
+    digits, confidences = calibrated.digits_and_confidences()
+    assert digits == raw.digits_and_confidences()[0]  # one scalar: the argmax never moves
+    for p, e in zip(calibrated.predictions(), expected):  # what /predict and /predict_array return
+        assert p["confidence"] == pytest.approx(e.max(), rel=1e-12) and p["probabilities"] == pytest.approx(e, abs=1e-6)
+    assert confidences == [p["confidence"] for p in calibrated.predictions()]
+
+
+def test_the_network_path_ignores_the_temperature_and_model_info_reports_it():
+    core = make_core(manifest=CALIBRATED)
+    x = np.random.default_rng(3).normal(size=(2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(asyncio.run(core.network(x)), fake_log_probs(x))
+    info = core.model_info()["calibration"]
+    assert info["temperature"] == 1.5 and info["ece"] == 0.0048 and info["ece_at_temperature"] == 0.0036
+    assert make_core().model_info()["calibration"]["temperature"] is None  # a manifest without the section

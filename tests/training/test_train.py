@@ -18,6 +18,12 @@ def test_tiny_run_learns(tiny_run):
     assert tiny_run.metrics["test_accuracy"] > 0.7
     assert tiny_run.metrics["train_samples"] == TINY_TRAIN_IMAGES
     assert tiny_run.metrics["test_samples"] == 10_000
+    # the last 5,000 training images are held out, whatever the limit: the export calibrates on them
+    assert load_checkpoint(tiny_run.checkpoint_path).provenance["holdout"] == {
+        "split": "train",
+        "start": 55_000,
+        "stop": 60_000,
+    }
 
 
 def test_checkpoint_round_trip_with_weights_only(tiny_run, test_inputs):
@@ -57,7 +63,7 @@ def test_same_seed_gives_identical_weights(data_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "value",
-    [dict(epochs=0), dict(batch_size=0), dict(lr=-1.0), dict(limit=0), dict(device="tpu")],
+    [dict(epochs=0), dict(batch_size=0), dict(lr=-1.0), dict(limit=0), dict(holdout=-1), dict(device="tpu")],
 )
 def test_config_rejects_bad_values(value):
     with pytest.raises(ValueError):
@@ -108,11 +114,17 @@ def test_cli_corrupt_idx_file(data_dir, tmp_path):
         (["--limit", "abc"], "--limit"),
         (["--device", "tpu"], "--device"),
         (["--batch-size", "1.5"], "--batch-size"),
+        (["--holdout", "-1"], "--holdout"),
     ],
 )
 def test_cli_rejects_bad_flags(args, fragment):
     proc = cli(*args)
     assert_one_line_error(proc, fragment)
+
+
+def test_a_holdout_of_the_whole_training_set_is_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="leaves none of the 60000 training images"):
+        train(TrainConfig(holdout=60_000, data_dir=str(data_dir), out=str(tmp_path), device="cpu"))
 
 
 def test_cli_trains_and_writes_artifacts(data_dir, tmp_path):

@@ -34,6 +34,7 @@ def good_manifest(data: bytes = MODEL_BYTES) -> dict:
         "model_config": {"image_size": 28, "in_channels": 1, "num_classes": 10},
         "opset": 17,
         "verification": {"passed": True, "eager_test_accuracy": 0.99},
+        "calibration": {"bins": 15, "ece": 0.0048, "temperature": 1.2066, "ece_at_temperature": 0.0036},
     }
 
 
@@ -249,6 +250,11 @@ BAD_FIELDS = [
     ("opset", "17", "(opset)"),
     ("opset", 17.0, "(opset)"),
     ("opset", False, "(opset)"),
+    ("calibration", [1.2], "(calibration)"),
+    *[
+        ("calibration.temperature", bad, "(calibration.temperature: a finite positive number, or null)")
+        for bad in (0, -1.2, "1.2", True, [1.2])
+    ],
 ]
 
 
@@ -268,7 +274,15 @@ def test_each_bad_field_is_named(tmp_path, path, value, problem):
 
 @pytest.mark.parametrize(
     "path, value",
-    [("normalization.std", 1e-9), ("normalization.mean", -1), ("normalization.std", 3), (f"{A}.bytes", 0)],
+    [
+        ("normalization.std", 1e-9),
+        ("normalization.mean", -1),
+        ("normalization.std", 3),
+        (f"{A}.bytes", 0),
+        ("calibration.temperature", None),  # the export fitted none, or none lowered the ECE
+        ("calibration.temperature", 2),
+        ("calibration", DELETE),  # exports made before calibration
+    ],
 )
 def test_edge_values_that_are_valid(tmp_path, path, value):
     manifest = good_manifest()
@@ -283,6 +297,14 @@ def test_a_non_finite_normalization_is_refused(tmp_path, field, value):
     assert value in text
     (tmp_path / "manifest.json").write_text(text)
     assert "(normalization: mean and a positive std)" in str(refused(read_manifest, tmp_path))
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_non_finite_temperature_is_refused(tmp_path, value):
+    text = json.dumps(good_manifest()).replace('"temperature": 1.2066', f'"temperature": {value}')
+    assert value in text
+    (tmp_path / "manifest.json").write_text(text)
+    assert "(calibration.temperature: a finite positive number" in str(refused(read_manifest, tmp_path))
 
 
 # ---- the model file -----------------------------------------------------------------------------------------

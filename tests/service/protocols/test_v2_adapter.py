@@ -4,6 +4,7 @@ against a real server, with NVIDIA's and KServe's clients, is tests/service/prot
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import struct
@@ -13,9 +14,10 @@ import pytest
 from PIL import Image
 
 from service.config import ServiceConfig
+from service.core import InputKind
 from service.http.front import Frontend
 from service.protocols import ROUTES
-from tests.service.fakes import fake_log_probs, make_core, run
+from tests.service.fakes import MANIFEST, fake_log_probs, make_core, run
 
 JSON = ("content-type", "application/json")
 
@@ -127,6 +129,24 @@ def test_the_classifier_takes_mnist_pixels_as_uint8(app):
     answer = infer(app, "mnist", request)
     assert answer.status == 200, answer.body
     assert [o["name"] for o in answer.json()["outputs"]] == ["digit"]
+
+
+def test_the_classifier_answers_at_the_manifests_temperature_the_network_does_not():
+    config = ServiceConfig()
+    front = Frontend(None, ROUTES, config)
+    front.core = make_core(config, manifest={**MANIFEST, "calibration": {"temperature": 2.0}})
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    network = {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}]}
+    (out,) = infer(front, "mnist-convnet", network).json()["outputs"]
+    np.testing.assert_allclose(np.array(out["data"]).reshape(1, 10), fake_log_probs(x), rtol=1e-6)  # raw
+    image = np.zeros((1, 28, 28), dtype=np.uint8)
+    image[0, 5:23, 12:16] = 255
+    pixels = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28], "data": image.ravel().tolist()}]}
+    outputs = {o["name"]: o for o in infer(front, "mnist", pixels).json()["outputs"]}
+    raw = asyncio.run(front.core.classify(InputKind.PIXELS, image / 255.0, 1)).log_probs.astype(np.float64)
+    expected = np.exp(raw / 2.0) / np.exp(raw / 2.0).sum()
+    np.testing.assert_allclose(np.array(outputs["probabilities"]["data"]), expected.ravel(), rtol=1e-6)
+    assert not np.allclose(expected, np.exp(raw), rtol=1e-3)
 
 
 FP32_ONE = {"name": "images", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}
