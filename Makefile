@@ -51,8 +51,10 @@ $(CHECKPOINT):
 
 # Re-exported whenever the checkpoint is newer than the manifest; registration is skipped when the model
 # store already holds these exact files.
+# SIGN_KEY=model.key signs the folder (README "Signed models").
+SIGN_KEY ?=
 $(EXPORT_DIR)/manifest.json: $(CHECKPOINT)
-	$(PY) -m export build --checkpoint $(CHECKPOINT) --out $(EXPORT_DIR)
+	$(PY) -m export build --checkpoint $(CHECKPOINT) --out $(EXPORT_DIR) $(if $(SIGN_KEY),--sign-key $(SIGN_KEY))
 
 export: install $(EXPORT_DIR)/manifest.json
 	$(PY) -m export register $(EXPORT_DIR)

@@ -1,4 +1,4 @@
-"""``python -m export build|verify``: thin CLI over export.build; user errors are one line, no traceback."""
+"""``python -m export build|verify|register|sign``: a thin CLI; user errors are one line, no traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.build import ExportConfig, ExportError, build, verify_dir
 from export.formats import DEFAULT_OPSET
+from export.signing import SigningError
 from export.verify import VerificationError
 from training.checkpoint import CheckpointError
 from training.data import DataError
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, default {DEFAULT_OPSET}")
     b.add_argument("--no-register", action="store_true", help="do not add the result to the BentoML model store")
     b.add_argument("--no-int8", action="store_true", help="skip the INT8 ONNX variant")
+    b.add_argument("--sign-key", default=None, help="PEM EC private key: sign the folder (model.sig), then register")
     b.add_argument(
         "--data-dir", default=None, help="MNIST folder for verification (default $MNIST_DATA_DIR, then ./data)"
     )
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data-dir", default=None)
     r = sub.add_parser("register", help="add a built folder to the BentoML model store unless it is there already")
     r.add_argument("dir", help="the folder `build` wrote")
+    s = sub.add_parser("sign", help="sign a built folder (model.sig); then `register` it")
+    s.add_argument("dir", help="the folder `build` wrote")
+    s.add_argument("--key", required=True, help="PEM EC private key (P-256, P-384 or P-521)")
     return p
 
 
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 register=not args.no_register,
                 int8=not args.no_int8,
                 data_dir=args.data_dir,
+                sign_key=args.sign_key,
             )
             result = build(cfg)
             report = result.manifest["verification"]
@@ -63,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                 result.out,
                 f"; registered {result.tag}" if result.tag else "",
             )
+        elif args.command == "sign":
+            from export.build import check_files, read_manifest
+            from export.signing import sign_folder
+
+            check_files(args.dir, read_manifest(args.dir))  # sign only a folder that is what its manifest says
+            signature = sign_folder(args.dir, args.key)
+            log.info("wrote %s; `python -m export register %s` puts it in the model store", signature, args.dir)
         elif args.command == "register":
             from export.build import check_files, read_manifest
             from export.store import ensure_registered
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except (VerificationError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, DataError, ValueError, OSError) as exc:
+    except (CheckpointError, DataError, SigningError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from export import formats
+from export.signing import SIGNATURE, check_private_key, sign_folder
 from export.verify import verify
 from training.checkpoint import Checkpoint, build_model, file_sha256, load_checkpoint, save_checkpoint
 from training.data import dataset_sha256, load_mnist, resolve_data_dir, to_model_input
@@ -39,6 +40,7 @@ class ExportConfig:
     register: bool = True
     int8: bool = True
     data_dir: str | None = None  # MNIST for verification and INT8 calibration; None: $MNIST_DATA_DIR, then ./data
+    sign_key: str | None = None  # a PEM EC private key: the folder is signed (export/signing.py) before registration
 
     def __post_init__(self):
         if not 18 <= self.opset <= 23:
@@ -108,11 +110,14 @@ def _calibration(model, ckpt: Checkpoint, root: Path, x_test: torch.Tensor, test
 
 
 def build(cfg: ExportConfig) -> BuildResult:
+    if cfg.sign_key:
+        check_private_key(cfg.sign_key)  # a bad key fails now, not after the export
     ckpt = load_checkpoint(cfg.checkpoint)
     model = build_model(ckpt)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
+    (out / SIGNATURE).unlink(missing_ok=True)  # nor a stale signature
 
     root = resolve_data_dir(cfg.data_dir)
     test_images, test_labels = load_mnist(root, train=False)
@@ -171,6 +176,8 @@ def build(cfg: ExportConfig) -> BuildResult:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_json_atomically(manifest, out / MANIFEST)
+    if cfg.sign_key:  # the last file written: it covers all the others, the manifest included
+        sign_folder(out, cfg.sign_key)
     tag = None
     if cfg.register:
         from export.store import register

@@ -30,10 +30,12 @@ def setting(
     choices: tuple = (),
     secret=False,
     maximum: float | None = None,
+    guard=False,
 ):
-    """A dataclass field read from ``env``; ``status`` is what a request gets for crossing it (limits only)."""
+    """A dataclass field read from ``env``; ``status`` is what a request gets for crossing it (limits only). A
+    secret or a ``guard`` set to blanks is an error: left unset, it turns a check off."""
     meta = {"env": env, "why": why, "status": status, "minimum": minimum, "choices": choices, "secret": secret}
-    meta["maximum"] = maximum
+    meta["maximum"], meta["guard"] = maximum, guard or secret
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -45,6 +47,13 @@ class ServiceConfig:
     model_tag: str = setting("MNIST_MODEL_TAG", "mnist-convnet:latest", "the model in the BentoML model store")
     runtime: str = setting(
         "MNIST_RUNTIME", "onnx", "ONNX Runtime needs no torch; torchscript runs on CUDA", choices=RUNTIMES
+    )
+    public_key: str = setting(
+        "MNIST_MODEL_PUBLIC_KEY",
+        "",
+        "a PEM EC public key file: when set, the model's signature (model.sig) is checked before anything of it "
+        "is loaded, and an unsigned, changed or otherwise-signed model stops start-up",
+        guard=True,
     )
     # ---- processes ----
     workers: int = setting("MNIST_WORKERS", 2, "HTTP worker processes (BentoML workers), one per core", maximum=256)
@@ -197,7 +206,7 @@ class ServiceConfig:
             raw = environ.get(f.metadata["env"], "")
             if raw.strip():
                 values[f.name] = _parse(f, raw.strip())
-            elif raw and f.metadata["secret"]:  # set, but to blanks: not "no token", which would open the API
+            elif raw and f.metadata["guard"]:  # set, but to blanks: not "no token" (an open API), "no key" (no check)
                 raise ConfigError(f"{f.metadata['env']} is set but blank; unset it, or give it a value")
         config = cls(**values)
         if "workers" not in values:  # one per core, on a machine with fewer cores than the default

@@ -25,6 +25,7 @@ from service.engine.process import WorkerFailed
 from service.http import uvicorn_glue
 from service.http.front import FrontedService
 from service.model.files import REEXPORT, ModelFileError, read_manifest
+from service.model.signature import verify_signature
 from service.observe import access
 from service.observe.metrics import metrics
 from service.observe.tracing import Tracing, exporters_named
@@ -43,8 +44,8 @@ bentoml_glue.install_timeout_fix()  # before BentoML builds its app
 
 
 def _stored_manifest(tag: str) -> dict:
-    """The manifest of the model the service will load; a missing model or manifest stops start-up with one
-    line."""
+    """The manifest of the model the service will load, its signature checked first where MNIST_MODEL_PUBLIC_KEY
+    asks for one; a missing, unsigned or changed model or manifest stops start-up with one line."""
     try:
         stored = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
@@ -55,6 +56,8 @@ def _stored_manifest(tag: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - a damaged store entry (its model.yaml, say): one line, not a traceback
         sys.exit(f"error: model {tag}: its model store entry cannot be read ({type(exc).__name__}); {REEXPORT}")
     try:
+        if CONFIG.public_key:  # before a byte of the model is read: the manifest included
+            verify_signature(stored.path, CONFIG.public_key)
         return read_manifest(stored.path)
     except ModelFileError as exc:
         sys.exit(f"error: model {tag}: {exc}")
