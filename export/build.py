@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from export import formats
+from export.detector import DetectorConfig
 from export.signing import SIGNATURE, check_private_key, sign_folder
 from export.verify import verify
 from training.checkpoint import Checkpoint, build_model, file_sha256, load_checkpoint, save_checkpoint
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SOURCE_FILE = "checkpoint.pt"  # the eager reference, re-saved in the project's format, so a folder verifies alone
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the not-a-digit detector and the golden set
 
 
 class ExportError(Exception):
@@ -41,6 +42,7 @@ class ExportConfig:
     int8: bool = True
     data_dir: str | None = None  # MNIST for verification and INT8 calibration; None: $MNIST_DATA_DIR, then ./data
     sign_key: str | None = None  # a PEM EC private key: the folder is signed (export/signing.py) before registration
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self):
         if not 18 <= self.opset <= 23:
@@ -109,6 +111,39 @@ def _calibration(model, ckpt: Checkpoint, root: Path, x_test: torch.Tensor, test
     return section
 
 
+def _detector_and_golden(
+    model, ckpt: Checkpoint, root: Path, test_images, test_labels, temperature: float | None, cfg: ExportConfig
+) -> dict:
+    """The not-a-digit detector (export/detector.py) and the golden set (export/golden.py): their manifest
+    sections, each with its file's hash."""
+    from export import detector as detectors
+    from export import golden
+
+    out, norm = Path(cfg.out), ckpt.normalization
+    train_images, _ = load_mnist(root, train=True)
+    test_u8 = test_images.numpy()
+    detector, section = detectors.build_detector(
+        train_images.numpy(), test_u8, norm.mean, norm.std, out, cfg.opset, cfg.detector
+    )
+    summary = golden.record(test_u8, test_labels.numpy(), model, detector, norm, temperature, section["threshold"], out)
+    section.update(_accuracy_accepted(model, detector, to_model_input(test_images, norm), test_labels, section))
+    return {
+        "detector": {**_describe(out / detectors.FILE), **section},
+        "golden": {**_describe(out / golden.FILE), **summary},
+    }
+
+
+def _accuracy_accepted(model, detector, x: torch.Tensor, labels: torch.Tensor, section: dict) -> dict:
+    """The classifier's test accuracy on every digit and on the digits the detector accepts (the target: no lower)."""
+    with torch.no_grad():
+        right = torch.cat([model(b).argmax(1) for b in x.split(1000)]) == labels
+        accepted = torch.cat([detector(b) for b in x.split(1000)]) >= section["threshold"]
+    return {
+        "test_accuracy": float(right.float().mean()),
+        "test_accuracy_accepted": float(right[accepted].float().mean()) if accepted.any() else None,
+    }
+
+
 def build(cfg: ExportConfig) -> BuildResult:
     if cfg.sign_key:
         check_private_key(cfg.sign_key)  # a bad key fails now, not after the export
@@ -138,6 +173,7 @@ def build(cfg: ExportConfig) -> BuildResult:
     runners = {fmt: formats.load_runner(fmt, path) for fmt, path in paths.items()}
     report = verify(model, runners, x_test, test_labels)  # raises VerificationError: then no manifest is written
     calibration = _calibration(model, ckpt, root, x_test, test_labels, out)  # raw log-probs verified, above
+    checks = _detector_and_golden(model, ckpt, root, test_images, test_labels, calibration["temperature"], cfg)
     if int8_speed:
         report["formats"]["onnx-int8"]["speed"] = int8_speed
         log.info(
@@ -173,6 +209,7 @@ def build(cfg: ExportConfig) -> BuildResult:
         },
         "verification": report,
         "calibration": calibration,  # the served probabilities are softmax(log_probs / temperature)
+        **checks,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_json_atomically(manifest, out / MANIFEST)
@@ -202,8 +239,14 @@ def read_manifest(export_dir: Path) -> dict:
 
 
 def check_files(export_dir: Path, manifest: dict) -> None:
-    """Every artifact (and the reference checkpoint) is present with the manifest's sha256."""
-    entries = [*manifest["artifacts"].values(), manifest["source"]["reference"]]
+    """Every file the manifest lists (the artifacts, the reference checkpoint, the detector, the golden set) is
+    present with the manifest's sha256."""
+    entries = [
+        *manifest["artifacts"].values(),
+        manifest["source"]["reference"],
+        manifest["detector"],
+        manifest["golden"],
+    ]
     problems = []
     for entry in entries:
         path = Path(export_dir) / entry["file"]

@@ -12,16 +12,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from service.model.calibration import TEMPERATURE_BOUNDS, probabilities  # the served function, and its range
+
 BINS = 15  # Guo et al.'s choice (2017), so the numbers compare with the literature
-TEMPERATURE_BOUNDS = (0.05, 20.0)
 TEMPERATURE_DECIMALS = 4  # the manifest's T, and every number reported for it, are this rounded value
 DIAGRAM = "reliability.png"
-
-
-def probabilities(log_probs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(log_probs / T) in float64: the probabilities the service answers with."""
-    z = np.asarray(log_probs, dtype=np.float64) / temperature
-    return np.exp(z - logsumexp(z, axis=1, keepdims=True))
 
 
 def reliability(log_probs: np.ndarray, labels: np.ndarray, bins: int = BINS, temperature: float = 1.0) -> dict:

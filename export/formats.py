@@ -67,7 +67,8 @@ def export_pt2(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET, output_name: str = OUTPUT_NAME) -> Path:
+    """``model`` (with its ``example_input_array``) as one ONNX file, batch axis dynamic, checked by onnx."""
     import onnx
 
     # The example batch is 2, not 1: traced with a batch of 1 the batch axis is fixed even when declared dynamic.
@@ -80,7 +81,7 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) 
             opset_version=opset,
             external_data=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output_name],
             dynamic_shapes=({0: _batch_dim()},),
             verbose=False,
         )

@@ -113,6 +113,13 @@ class ServiceConfig:
         "a batch still running after this is stuck: its process is restarted and its requests get 503",
         status=503,
     )
+    golden_check_s: float = setting(
+        "MNIST_GOLDEN_CHECK_S",
+        300.0,
+        "how often each work process re-runs the export's golden set through its serving path (before it serves, "
+        "always); a mismatch makes the worker unready. 0: at start-up only",
+        minimum=0,
+    )
     # ---- per-request limits ----
     max_request_bytes: int = setting(
         "MNIST_MAX_REQUEST_BYTES", 32 * MiB, "request body size, with or without a Content-Length", status=413

@@ -12,6 +12,7 @@ import numpy as np
 
 from service.engine.batcher import Batcher, Timeline
 from service.engine.messages import Done, InputKind, RuntimeInfo
+from service.model.calibration import probabilities
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"  # the network as exported; the classifier end to end
 
@@ -30,11 +31,14 @@ LIFECYCLE = Lifecycle()
 
 def not_ready(core: Core | None) -> str | None:
     """The one readiness rule, behind every readiness path and BentoML's ``__is_ready__``: the model loaded,
-    its work processes up, and the worker not draining. None when ready, else why not."""
+    its work processes up and their golden-set checks passed, and the worker not draining. None when ready, else
+    why not."""
     if LIFECYCLE.draining:
         return "draining: this worker is shutting down"
     if core is None:
         return "starting: the model is not loaded yet"
+    if core.engine.problem:
+        return core.engine.problem
     if not core.engine.ready:
         return "no work process is running"
     return None
@@ -77,7 +81,12 @@ def model_specs(manifest: dict, runtime: str) -> dict[str, ModelSpec]:
             PIPELINE,
             "mnist_pipeline",
             (TensorSpec(x["name"], "bytes", (-1,)),),  # encoded image files
-            (TensorSpec("digit", "int64", (-1,)), TensorSpec("probabilities", "float32", (-1, classes))),
+            (
+                TensorSpec("digit", "int64", (-1,)),
+                TensorSpec("probabilities", "float32", (-1, classes)),
+                TensorSpec("looks_like_digit", "bool", (-1,)),
+                TensorSpec("digit_score", "float32", (-1,)),
+            ),
             also_accepts=(TensorSpec(x["name"], "uint8", (-1, side, side)),),  # MNIST-format pixels
         ),
     }
@@ -97,15 +106,15 @@ class Answer:
     log_probs: np.ndarray  # [N, 10], as the network gave them
     inputs: np.ndarray | None  # [N, 28, 28] in 0..1, the images the model saw, when asked for
     temperature: float | None = None  # the manifest's calibration: probabilities are softmax(log_probs / T)
+    digit_scores: np.ndarray | None = None  # [N] the not-a-digit detector's scores (service/model/runtime.py)
+    threshold: float = 0.0  # below it, an image does not look like a digit (the export set it)
 
     def probabilities(self) -> np.ndarray:
         return self._probs
 
     @functools.cached_property
     def _probs(self) -> np.ndarray:
-        z = self.log_probs.astype(np.float64)
-        probs = np.exp(z / self.temperature if self.temperature else z)  # log_probs <= 0: no overflow
-        return probs / probs.sum(axis=1, keepdims=True)
+        return probabilities(self.log_probs, self.temperature)
 
     @functools.cached_property
     def _rows(self) -> tuple[list[int], list[list[float]]]:
@@ -119,13 +128,29 @@ class Answer:
         digits, rows = self._rows
         return digits, [row[d] for d, row in zip(digits, rows)]
 
+    @functools.cached_property
+    def _looks(self) -> tuple[list[bool], list[float]]:
+        scores = self.digit_scores.astype(np.float64).tolist()
+        return [s >= self.threshold for s in scores], scores
+
+    def looks_like_digit(self) -> list[bool]:
+        """Whether each image looks like a digit at all: its detector score at or above the threshold."""
+        return self._looks[0]
+
     def predictions(self) -> list[dict]:
         """One answer per image, as /predict, /predict_array and the API methods return them; with ``inputs``,
         each also carries the 28x28 image the model saw (intensities 0..1, 3 decimals)."""
         digits, rows = self._rows
+        looks, scores = self._looks
         answers = [
-            {"digit": d, "confidence": row[d], "probabilities": [round(v, 6) for v in row]}
-            for d, row in zip(digits, rows)
+            {
+                "digit": d,
+                "confidence": row[d],
+                "probabilities": [round(v, 6) for v in row],
+                "looks_like_digit": looks_like,
+                "digit_score": round(score, 6),
+            }
+            for d, row, looks_like, score in zip(digits, rows, looks, scores)
         ]
         if self.inputs is not None:
             for answer, image in zip(answers, np.round(self.inputs.astype(np.float64), 3)):
@@ -145,8 +170,10 @@ class Core:
         self.metrics, self.tracing = metrics, tracing
         self.runtime: RuntimeInfo = engine.info
         self.models = model_specs(manifest, self.runtime.runtime)
+        self._checks_started = False
         self.calibration = manifest.get("calibration") or {}  # exports before calibration have none
         self.temperature = self.calibration.get("temperature")
+        self.threshold = float(manifest["detector"]["threshold"])
 
     @property
     def ready(self) -> bool:
@@ -158,10 +185,18 @@ class Core:
         """Classify one request of at most ``images`` images (an upper bound where the payload is not parsed
         yet): the model's answer, or the RequestError the request ends in."""
         done = await self._run(kind, payload, images, return_input, call)
-        answer = Answer(done.log_probs, done.inputs, self.temperature)
+        answer = Answer(done.log_probs, done.inputs, self.temperature, done.digit_scores, self.threshold)
         if self.metrics is not None:
-            self.metrics.observe_answer(*answer.digits_and_confidences(), _prepare_s(done, kind))
+            self.metrics.observe_answer(
+                *answer.digits_and_confidences(), _prepare_s(done, kind), answer.looks_like_digit().count(False)
+            )
         return answer
+
+    def start_checks(self) -> None:
+        """On the worker's event loop, once it runs: the periodic golden-set checks (``MNIST_GOLDEN_CHECK_S``)."""
+        if not self._checks_started:
+            self._checks_started = True
+            self.engine.start_checks(self.config.golden_check_s)
 
     def refuses_unread(self, body_bytes: int):
         """The 503 every request of a ``body_bytes`` body would get now, or None: asked before reading a body."""

@@ -108,10 +108,16 @@ class Batcher:
         self.start_failed = False  # the latest start of a replacement failed: refuse until one is up
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
+        # the golden set (service/model/golden.py): processes to check before their next batch, and the first
+        # failure of a check or of the model's output, which makes this worker unready for good
+        self.check_due: set[WorkProcess] = set()
+        self.problem: str | None = None
+        for process in self.processes:
+            self._observe_check(process.checked)
 
     @property
     def ready(self) -> bool:
-        return bool(self.processes) and not self.closing
+        return bool(self.processes) and not self.closing and self.problem is None
 
     def state(self) -> dict:
         """Now, on this worker: for /model_info and for tests that must wait for a state, not a time."""
@@ -285,9 +291,73 @@ class Batcher:
         self.running[process] = sum(p.units for p in batch)
         for pending in batch:
             pending.dispatched = True
-        task = asyncio.get_running_loop().create_task(self._run(process, batch))
+        self._spawn(self._run(process, batch))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _release(self, process: WorkProcess) -> None:
+        """A process done with its batch or its check: checked first if a check is due, then idle."""
+        if process in self.check_due:
+            self._spawn(self._check(process))
+            return
+        (self.idle_express if process in self.express else self.idle).append(process)
+        self._dispatch()
+
+    def start_checks(self, every_s: float) -> None:
+        """Re-run the golden set in every process each ``every_s`` seconds (an idle one at once, a busy one after
+        its batch); on the running event loop, once."""
+        if every_s > 0:
+            self._spawn(self._check_periodically(every_s))
+
+    async def _check_periodically(self, every_s: float) -> None:
+        """One process at a time, in turn, each every ``every_s``: a check takes a process out of service for
+        0.1-0.2 s, and checking them all at once left none to answer (p99 3-5x at 1 s)."""
+        turn = 0
+        while not self.closing:
+            await asyncio.sleep(every_s / max(1, len(self.processes)))
+            if not self.processes or self.closing:
+                continue
+            process = self.processes[turn % len(self.processes)]
+            turn += 1
+            self.check_due.add(process)
+            for idle in (self.idle, self.idle_express):
+                if process in idle:
+                    idle.remove(process)
+                    self._spawn(self._check(process))
+
+    async def _check(self, process: WorkProcess) -> None:
+        self.check_due.discard(process)
+        try:
+            result = await asyncio.wait_for(process.check(), self.config.work_timeout_s)
+        except (TimeoutError, WorkerFailed, OSError) as exc:
+            log.error("work process %s failed its golden-set check: %s", process.proc.pid, exc or "timed out")
+            self._replace(process)
+            return
+        self._observe_check(result)
+        if result.problem:
+            self._unfit(process, f"the golden-set check failed: {result.problem}")
+        else:
+            log.info(
+                "golden-set check of work process %s: %d inputs match the export (max difference %.3g, %.0f ms)",
+                process.proc.pid,
+                result.inputs,
+                result.max_diff,
+                1000 * result.seconds,
+            )
+        self._release(process)
+
+    def _observe_check(self, result) -> None:
+        if self.metrics is not None and result is not None:
+            self.metrics.observe_golden(result)
+
+    def _unfit(self, process: WorkProcess, problem: str) -> None:
+        """The model misbehaves in ``process``: this worker reports unready from now on (its answers can no longer
+        be trusted; a restart would load the same files)."""
+        log.error("work process %s: %s; this worker is now unready", process.proc.pid, problem)
+        self.problem = self.problem or problem
 
     def _take(self, small_only: bool = False) -> list[Pending]:
         """Queued requests in order, up to the batch bounds (at least one request): ``max_batch_size`` images,
@@ -366,6 +436,8 @@ class Batcher:
             self._learn_price(done.stats.cpu_ns / 1e9, sum(p.units for p in batch), at_least=True)
         if self.metrics is not None:
             self.metrics.observe_batch(done.stats, seconds)
+        if done.problem:
+            self._unfit(process, done.problem)
         for pending in batch:
             answer = answers[pending.job.id]
             if not pending.future.done():
@@ -373,8 +445,7 @@ class Batcher:
                     pending.future.set_exception(answer)
                 else:
                     pending.future.set_result(answer)
-        (self.idle_express if process in self.express else self.idle).append(process)
-        self._dispatch()
+        self._release(process)
 
     def _learn_price(self, seconds: float, units: int, at_least: bool = False) -> None:
         """The CPU seconds per unit of work: a moving average over batches (none learned from a batch with no
@@ -398,15 +469,14 @@ class Batcher:
         queued meanwhile, and those that come while it starts, wait for it (within the queue's bounds)."""
         dead.close(kill=True)
         self.processes.remove(dead)
+        self.check_due.discard(dead)
         express = dead in self.express
         self.express.discard(dead)
         self.counters.restarts += 1
         if self.metrics is not None:
             self.metrics.restarts.inc()
         self.restarting += 1
-        task = asyncio.get_running_loop().create_task(self._restart(dead, express))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._restart(dead, express))
 
     async def _restart(self, dead: WorkProcess, express: bool = False) -> None:
         """Start a replacement; on failure try again at once, then after 0.5 s, 1 s, ... up to 30 s. Requests
@@ -436,6 +506,7 @@ class Batcher:
                     process.close()
                     return
                 self.start_failed = False
+                self._observe_check(process.checked)
                 self.processes.append(process)
                 if express:
                     self.express.add(process)

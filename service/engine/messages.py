@@ -2,9 +2,9 @@
 
 Each message is a frozen dataclass sent as a length-prefixed pickle over a socket pair between two processes of
 the same service (nothing else writes to it). The conversation: ``Init`` -> ``Ready`` or ``Failed``, then
-``Batch`` -> ``BatchDone`` for as long as the socket is open. Those two, once per request, travel as plain
-tuples and are rebuilt on arrival: pickling dataclasses and an enum costs several times as much (about 14 µs
-a request against 3, measured with ``timeit``).
+``Batch`` -> ``BatchDone`` (and now and then ``Check`` -> ``CheckResult``) for as long as the socket is open.
+``Batch`` and ``BatchDone``, once per request, travel as plain tuples and are rebuilt on arrival: pickling
+dataclasses and an enum costs several times as much (about 14 µs a request against 3, measured with ``timeit``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class RuntimeInfo:
 @dataclass(frozen=True)
 class Ready:
     info: RuntimeInfo
+    checked: object = None  # the golden-set check it passed before reporting ready (a golden.CheckResult)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Done:
     model_start_ns: int
     model_end_ns: int
     batch_images: int  # images in the model call this request's images were part of
+    digit_scores: np.ndarray | None = None  # the not-a-digit detector's score per image (service/model/detector.py)
 
     @property
     def prepare_s(self) -> float:
@@ -121,6 +123,12 @@ class BatchDone:
     id: int
     answers: dict  # Job.id -> Done, or the RequestError that request ends in
     stats: BatchStats
+    problem: str | None = None  # the model misbehaved (a non-finite output): one line; this process is not served
+
+
+@dataclass(frozen=True)
+class Check:
+    """Run the golden set through the serving path now; the answer is a service.model.golden.CheckResult."""
 
 
 # ---- framing -------------------------------------------------------------------------------------------------
@@ -134,7 +142,7 @@ def _to_wire(message):
         return (_BATCH, message.id, jobs)
     if type(message) is BatchDone:
         answers = {k: v if isinstance(v, Exception) else tuple(v.__dict__.values()) for k, v in message.answers.items()}
-        return (_BATCH_DONE, message.id, answers, tuple(message.stats.__dict__.values()))
+        return (_BATCH_DONE, message.id, answers, tuple(message.stats.__dict__.values()), message.problem)
     return message  # the others are sent once per process
 
 
@@ -144,7 +152,7 @@ def _from_wire(data):
     if data[0] == _BATCH:
         return Batch(data[1], [Job(i, _KINDS[k], p, w, d, r) for i, k, p, w, d, r in data[2]])
     answers = {k: v if isinstance(v, Exception) else Done(*v) for k, v in data[2].items()}
-    return BatchDone(data[1], answers, BatchStats(*data[3]))
+    return BatchDone(data[1], answers, BatchStats(*data[3]), data[4])
 
 
 def pack(message) -> bytes:

@@ -10,7 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.engine.messages import Batch, BatchDone, Init, Ready, RuntimeInfo, pack, receive, receive_async, send
+from service.engine.messages import (
+    Batch,
+    BatchDone,
+    Check,
+    Init,
+    Ready,
+    RuntimeInfo,
+    pack,
+    receive,
+    receive_async,
+    send,
+)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # where `python -m service.engine.work` finds the package
 PYTHONPATH = os.environ.get("PYTHONPATH", "")
@@ -44,6 +55,7 @@ class WorkProcess:
             reason = getattr(reply, "reason", reply)
             raise WorkerFailed(reason or f"the work process exited with code {code} while starting")
         self.info: RuntimeInfo = reply.info
+        self.checked = reply.checked  # its golden-set check at start-up
         ours.setblocking(False)
         self.sock = ours  # the process exits when its end reads end-of-file, after close()
 
@@ -60,8 +72,22 @@ class WorkProcess:
             raise WorkerFailed(f"the work process {self.proc.pid} answered batch {done.id} for {batch.id}")
         return done
 
+    async def check(self):
+        """The golden set through this process's serving path: a service.model.golden.CheckResult."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self.sock, pack(Check()))
+            return await receive_async(loop, self.sock)
+        except (EOFError, ConnectionError) as exc:
+            raise WorkerFailed(f"the work process {self.proc.pid} exited ({type(exc).__name__})") from None
+
     def close(self, kill: bool = False) -> None:
         """Closing the socket tells the process to exit once its batch is done; ``kill`` does not wait."""
         if kill:
             self.proc.kill()
+        try:  # the process reads end-of-file now, even while the event loop still holds the socket for a
+            # read (uvloop defers close() until its reader is removed: a process blocked on it held shutdown 60 s)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         self.sock.close()

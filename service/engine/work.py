@@ -27,6 +27,7 @@ from service.engine.messages import (
     Batch,
     BatchDone,
     BatchStats,
+    Check,
     Done,
     Failed,
     Init,
@@ -117,15 +118,64 @@ class Work:
 
     def __init__(self, init: Init):
         from service.config import ServiceConfig
-        from service.model.runtime import load_runtime
+        from service.model import golden
+        from service.model.files import REEXPORT, ModelFileError, read_entry
+        from service.model.runtime import Detector, load_runtime
 
         self.limits = ServiceConfig(**init.limits)
-        normalization = init.manifest["normalization"]
+        manifest = init.manifest
+        normalization = manifest["normalization"]
         self.mean, self.std = normalization["mean"], normalization["std"]
-        self.runtime = load_runtime(init.runtime, init.model_dir, init.manifest, self.limits.threads_per_worker)
-        self.runtime.log_probs(np.zeros((2, 1, 28, 28), dtype=np.float32))  # warm-up: first-call allocations
+        self.temperature = (manifest.get("calibration") or {}).get("temperature")
+        threads = self.limits.threads_per_worker
+        self.runtime = load_runtime(init.runtime, init.model_dir, manifest, threads)
+        self.detector = Detector(init.model_dir, manifest, threads)
+        _, raw, _ = read_entry(init.model_dir, manifest["golden"])
+        try:
+            self.golden = golden.Golden.parse(raw)
+        except golden.GoldenError as exc:
+            raise ModelFileError(f"{init.model_dir}/{manifest['golden']['file']}: {exc}; {REEXPORT}") from None
+        _, channels, side, _ = manifest["input"]["shape"]
+        out = self.runtime.log_probs(np.zeros((2, channels, side, side), dtype=np.float32))  # warm-up, and the spec
+        if out.shape != (2, manifest["output"]["shape"][-1]):
+            raise ModelFileError(
+                f"{self.runtime.file} answers a batch of 2 with shape {list(out.shape)}, the manifest says "
+                f"{manifest['output']['shape']}; {REEXPORT}"
+            )
         _CpuBudget.install()
         self._warm_up_preprocessing()
+        self.checked = checked = self.check()
+        if checked.problem:
+            raise ModelFileError(f"the golden-set check failed: {checked.problem}; {REEXPORT}")
+        log.info("golden set: %d inputs match the export (max difference %.3g)", checked.inputs, checked.max_diff)
+
+    def check(self):
+        """The golden set through this process's serving path, as a request's images go (a CheckResult)."""
+        from service.inputs.decode import Counts
+        from service.model.golden import compare
+
+        start, counted = time.perf_counter(), (Counts.decoded_images, Counts.decoded_pixels)
+        try:
+            x = np.concatenate(
+                [
+                    model_input(InputKind.ENCODED, [g.data], self.limits, self.mean, self.std)[0]
+                    for g in self.golden.inputs
+                ]
+            )
+            result = compare(
+                self.golden,
+                self.runtime.log_probs(x),
+                self.detector.scores(x),
+                self.temperature,
+                self.detector.threshold,
+            )
+        except Exception as exc:  # noqa: BLE001 - a golden file the path now refuses, a runtime error: the same verdict
+            from service.model.golden import CheckResult
+
+            result = CheckResult(f"the serving path failed on the golden set ({type(exc).__name__}: {exc})"[:300], 0, 0)
+        finally:
+            Counts.decoded_images, Counts.decoded_pixels = counted
+        return type(result)(result.problem, result.max_diff, result.inputs, time.perf_counter() - start)
 
     @property
     def info(self) -> RuntimeInfo:
@@ -148,6 +198,7 @@ class Work:
         Counts.decoded_images, Counts.decoded_pixels = counted  # what clients sent, only
 
     def run(self, batch: Batch) -> BatchDone:
+        from service.errors import RequestError
         from service.inputs.decode import Counts
 
         cpu_start = time.process_time_ns()
@@ -171,6 +222,7 @@ class Work:
         model_start = time.time_ns()
         try:
             log_probs = self.runtime.log_probs(images)
+            digit_scores = self.detector.scores(images)
         except Exception:  # noqa: BLE001 - the runtime failed: every request of the batch gets a 500
             ids = ", ".join(job.request_id for job, *_ in ready)
             log.error("the model call failed (requests %s):\n%s", ids, traceback.format_exc())
@@ -179,12 +231,24 @@ class Work:
             return BatchDone(batch.id, {**answers, **{job.id: failed for job, *_ in ready}}, stats)
         model_end = time.time_ns()
         stats = self._stats(len(images), decoded, cpu_start, units)
-        offset = 0
+        finite = np.isfinite(log_probs).all(axis=1) & np.isfinite(digit_scores)
+        offset, problem = 0, None
         for job, x, seen, start, end in ready:
-            answer = log_probs[offset : offset + len(x)].copy()
-            answers[job.id] = Done(answer, seen, start, end, model_start, model_end, len(images))
+            rows = slice(offset, offset + len(x))
             offset += len(x)
-        return BatchDone(batch.id, answers, stats)
+            if finite[rows].all() or job.kind is InputKind.NORMALIZED:  # the network's own input: the client's
+                # values may be too large for float32, and its adapter answers that with a 400
+                answers[job.id] = Done(
+                    log_probs[rows].copy(), seen, start, end, model_start, model_end, len(images), digit_scores[rows]
+                )
+            else:  # images in 0..1, normalized by the manifest's constants: the model itself is broken
+                problem = problem or f"the model's output is not finite for request {job.request_id or job.id}"
+                answers[job.id] = RequestError(
+                    503, "unavailable", "the model's output is not finite; this worker stops serving it; retry"
+                )
+        if problem:
+            log.error("%s: this work process reports itself unfit to serve", problem)
+        return BatchDone(batch.id, answers, stats, problem)
 
     @staticmethod
     def _units(job: Job, prepared, loaded_pixels: int, loaded_images: int) -> int:
@@ -254,8 +318,11 @@ def serve(sock: socket.socket) -> int:
     except Exception as exc:  # noqa: BLE001 - the same, for what the runtime raises on its own
         send(sock, Failed(f"{type(exc).__name__}: {str(exc).strip()[:300]}"))
         return 1
-    send(sock, Ready(work.info))
+    send(sock, Ready(work.info, work.checked))
     while (batch := receive(sock)) is not None:
+        if type(batch) is Check:
+            send(sock, work.check())
+            continue
         done = work.run(batch)
         send(sock, done)
         stats = done.stats

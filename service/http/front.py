@@ -223,6 +223,7 @@ class Frontend:
             if message["type"] == "lifespan.startup.complete":
                 self.core = bentoml.get_current_service().core
                 self.tracing = self.core.tracing
+                self.core.start_checks()
             await send(message)
 
         return watched

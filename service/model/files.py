@@ -15,6 +15,8 @@ import re
 import stat
 from pathlib import Path
 
+from service.model.calibration import TEMPERATURE_BOUNDS
+
 REEXPORT = "re-export the model (`make export`, or `python -m export build --checkpoint artifacts/convnet.pt`)"
 MAX_MANIFEST_BYTES = 1024 * 1024  # the export writes a few KB
 MAX_MODEL_BYTES = 512 * 1024 * 1024
@@ -44,15 +46,20 @@ def read_verified(model_dir: str | os.PathLike, manifest: dict, fmt: str) -> tup
     artifact = manifest["artifacts"].get(fmt)
     if not artifact:
         raise ModelFileError(f"the manifest in {model_dir} lists no {fmt} file; {REEXPORT}")
-    path = Path(model_dir) / artifact["file"]
-    data = _read_regular_file(path, min(MAX_MODEL_BYTES, artifact["bytes"] + 1))
+    return read_entry(model_dir, artifact)
+
+
+def read_entry(model_dir: str | os.PathLike, entry: dict) -> tuple[str, bytes, str]:
+    """A file the manifest lists (``{"file", "sha256", "bytes"}``), read once and checked against its sha256."""
+    path = Path(model_dir) / entry["file"]
+    data = _read_regular_file(path, min(MAX_MODEL_BYTES, entry["bytes"] + 1))
     digest = hashlib.sha256(data).hexdigest()
-    if digest != artifact["sha256"]:
+    if digest != entry["sha256"]:
         raise ModelFileError(
             f"{path} does not match its manifest (sha256 {digest[:12]}..., {len(data)} bytes; exported as "
-            f"{artifact['sha256'][:12]}..., {artifact['bytes']} bytes): it changed after export; {REEXPORT}"
+            f"{entry['sha256'][:12]}..., {entry['bytes']} bytes): it changed after export; {REEXPORT}"
         )
-    return artifact["file"], data, digest
+    return entry["file"], data, digest
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes:
@@ -80,16 +87,14 @@ def _manifest_problem(m) -> str | None:
     artifacts = m.get("artifacts")
     if not isinstance(artifacts, dict) or not artifacts:
         return "artifacts"
-    for fmt, a in artifacts.items():
-        if not isinstance(a, dict):
-            return f"artifacts.{fmt}"
-        name = a.get("file")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
-            return f"artifacts.{fmt}.file: a plain file name in the model's folder"
-        if not isinstance(a.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", a["sha256"]):
-            return f"artifacts.{fmt}.sha256"
-        if type(a.get("bytes")) is not int or a["bytes"] < 0:
-            return f"artifacts.{fmt}.bytes"
+    entries = {f"artifacts.{fmt}": a for fmt, a in artifacts.items()}
+    entries.update({key: m.get(key) for key in ("detector", "golden")})  # both required: the golden set is how a
+    # changed answer is caught without a signature, and it checks the detector too
+    for where, a in entries.items():
+        if problem := _entry_problem(where, a):
+            return problem
+    if not _number(m["detector"].get("threshold")) or not 0 <= m["detector"]["threshold"] <= 1:
+        return "detector.threshold: a number in 0..1"
     norm = m.get("normalization")
     if not isinstance(norm, dict) or not _number(norm.get("mean")) or not _number(norm.get("std")) or norm["std"] <= 0:
         return "normalization: mean and a positive std"
@@ -105,9 +110,14 @@ def _manifest_problem(m) -> str | None:
     config = m.get("model_config")
     if not isinstance(config, dict) or type(config.get("image_size")) is not int:
         return "model_config.image_size"
+    shape, side = m["input"]["shape"], config["image_size"]
+    if len(shape) != 4 or shape[2:] != [side, side] or type(shape[1]) is not int:
+        return f"input.shape: [batch, channels, side, side], side the model_config.image_size ({side})"
+    if len(m["output"]["shape"]) != 2:
+        return "output.shape: [batch, classes]"
     verification = m.get("verification")
-    if not isinstance(verification, dict) or not isinstance(verification.get("passed"), bool):
-        return "verification.passed"
+    if not isinstance(verification, dict) or verification.get("passed") is not True:
+        return "verification.passed: the export's verification must have passed"
     if not _number(verification.get("eager_test_accuracy")):
         return "verification.eager_test_accuracy"
     if type(m.get("opset")) is not int:
@@ -116,8 +126,22 @@ def _manifest_problem(m) -> str | None:
     if not isinstance(calibration, dict):
         return "calibration"
     temperature = calibration.get("temperature")  # every answer's probabilities are divided by it
-    if temperature is not None and (not _number(temperature) or temperature <= 0):
-        return "calibration.temperature: a finite positive number, or null"
+    low, high = TEMPERATURE_BOUNDS
+    if temperature is not None and (not _number(temperature) or not low <= temperature <= high):
+        return f"calibration.temperature: a number in {low:g}..{high:g} (the range the export fits it in), or null"
+    return None
+
+
+def _entry_problem(where: str, a) -> str | None:
+    if not isinstance(a, dict):
+        return where
+    name = a.get("file")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        return f"{where}.file: a plain file name in the model's folder"
+    if not isinstance(a.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", a["sha256"]):
+        return f"{where}.sha256"
+    if type(a.get("bytes")) is not int or a["bytes"] < 0:
+        return f"{where}.bytes"
     return None
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model.files import REEXPORT, ModelFileError, read_verified
+from service.model.files import REEXPORT, ModelFileError, read_entry, read_verified
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class OnnxRuntime(Runtime):
         if cuda_asked and self.device == "cpu":
             log.warning("onnxruntime-gpu could not start CUDA (no GPU or driver? its message is above): serving on CPU")
         self.input_name = manifest["input"]["name"]
+        _check_spec(model_dir / self.file, self.session, manifest)
 
     def log_probs(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
@@ -75,6 +76,8 @@ class TorchScriptRuntime(Runtime):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
+        torch.backends.cudnn.allow_tf32 = False  # float32 convolutions as exported: the golden set checks them
+        torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with torchscript_deprecation_silenced():
                 self.module = torch.jit.load(io.BytesIO(model), map_location=self.device).eval()
@@ -86,6 +89,45 @@ class TorchScriptRuntime(Runtime):
         with torch.inference_mode():
             out = self.module(torch.from_numpy(x).to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
+
+
+_ONNX_TYPES = {"float32": "tensor(float)"}
+
+
+def _check_spec(path: Path, session, manifest: dict) -> None:
+    """The manifest's input and output, as v2 metadata advertises them, against the ONNX file's own."""
+    for key, declared in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        spec, own = manifest[key], declared[0]
+        shape = [d if isinstance(d, int) else -1 for d in own.shape]
+        wanted = [d if isinstance(d, int) else -1 for d in spec["shape"]]
+        if len(declared) != 1 or own.name != spec["name"] or own.type != _ONNX_TYPES[spec["dtype"]] or shape != wanted:
+            raise ModelFileError(
+                f"{path}: its {key} is {own.name!r} {own.type} {shape}, the manifest says {spec['name']!r} "
+                f"{spec['dtype']} {wanted}; {REEXPORT}"
+            )
+
+
+class Detector:
+    """The not-a-digit detector (export/detector.py): the model's input -> the probability that it is a digit.
+    Always ONNX Runtime on CPU: a few hundred kFLOPs an image, not worth a device transfer."""
+
+    def __init__(self, model_dir: Path, manifest: dict, threads: int):
+        import onnxruntime as ort
+
+        entry = manifest["detector"]
+        self.file, model, self.sha256 = read_entry(model_dir, entry)
+        self.threshold = float(entry["threshold"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a file it cannot parse
+            raise _unloadable(Path(model_dir) / self.file, "a model ONNX Runtime can load", exc) from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
 
 
 def load_runtime(kind: str, model_dir: str | os.PathLike, manifest: dict, threads: int) -> Runtime:

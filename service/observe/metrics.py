@@ -13,6 +13,7 @@ import functools
 ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "ui", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+GOLDEN_DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)  # the export's tolerance is 1e-5 + 1e-4 x |value|
 DIGITS = tuple(str(d) for d in range(10))
 
 
@@ -76,6 +77,21 @@ class Metrics:
             name="mnist_work_process_restarts_total",
             documentation="Work processes restarted after they died or ran past the work timeout",
         )
+        self.not_digits = client.Counter(
+            name="mnist_not_a_digit_total",
+            documentation="Images answered that the not-a-digit detector says do not look like a digit",
+        )
+        # the golden set re-run through each work process's serving path (MNIST_GOLDEN_CHECK_S)
+        self.golden_checks = client.Counter(
+            name="mnist_golden_checks_total",
+            documentation="Golden-set checks of the work processes, by result (a fail makes the worker unready)",
+            labelnames=["result"],
+        )
+        self.golden_diff = client.Histogram(
+            name="mnist_golden_max_difference",
+            documentation="The largest log-probability difference from the export's golden outputs, per check",
+            buckets=GOLDEN_DIFF_BUCKETS,
+        )
         self._children: dict[tuple, object] = {}  # (metric, label values) -> its series, made on first use
 
     def _child(self, metric, *labels):
@@ -93,8 +109,13 @@ class Metrics:
     def observe_rejected(self, reason: str) -> None:
         self._child(self.rejected, reason).inc()
 
-    def observe_answer(self, digits: list[int], confidences: list[float], prepare_s: float | None = None) -> None:
-        """One request's answers: its digits and confidences, and its preprocessing time (image inputs)."""
+    def observe_answer(
+        self, digits: list[int], confidences: list[float], prepare_s: float | None = None, not_digits: int = 0
+    ) -> None:
+        """One request's answers: its digits and confidences, how many of its images did not look like a digit,
+        and its preprocessing time (image inputs)."""
+        if not_digits:
+            self.not_digits.inc(not_digits)
         counts = {digits[0]: 1} if len(digits) == 1 else collections.Counter(digits)
         for digit, count in counts.items():
             self._child(self.predictions, DIGITS[digit]).inc(count)
@@ -102,6 +123,12 @@ class Metrics:
             self.confidence.observe(value)
         if prepare_s is not None:
             self.preprocess.observe(prepare_s)
+
+    def observe_golden(self, result) -> None:
+        """One golden-set check of a work process (service/model/golden.py)."""
+        self._child(self.golden_checks, "fail" if result.problem else "pass").inc()
+        if result.max_diff != float("inf"):
+            self.golden_diff.observe(result.max_diff)
 
     def observe_batch(self, stats, seconds: float) -> None:
         if stats.model_images:

@@ -5,7 +5,8 @@ clients, NVIDIA's perf_analyzer and KServe's v2 predictors. Two models, as the c
 - ``mnist-convnet``: the exported network as Triton would serve ``convnet.onnx``: normalized FP32 images in,
   log-probabilities out.
 - ``mnist``: the classifier end to end: encoded image files (BYTES) or MNIST-format pixels (UINT8, 28x28) in,
-  the digit and the ten probabilities out: the same preprocessing as ``/predict``.
+  the digit, the ten probabilities, whether it looks like a digit and its score out: the same preprocessing as
+  ``/predict``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from service.http.front import Request, Response, Route
 from service.protocols import v2_codec
 
 EXTENSIONS = ["binary_tensor_data"]
-V2_DTYPE = {"float32": "FP32", "uint8": "UINT8", "int64": "INT64", "bytes": "BYTES"}
+V2_DTYPE = {"float32": "FP32", "uint8": "UINT8", "int64": "INT64", "bytes": "BYTES", "bool": "BOOL"}
 
 
 def _tensor_metadata(t: TensorSpec) -> dict:
@@ -121,8 +122,14 @@ async def _infer(core: Core, request: Request, spec: ModelSpec) -> Response:
             )
         values = {known[0]: log_probs}
     else:
-        probs = (await _classify(core, request, tensor, spec, limit)).probabilities()
-        values = {"digit": probs.argmax(axis=1).astype(np.int64), "probabilities": probs.astype(np.float32)}
+        answer = await _classify(core, request, tensor, spec, limit)
+        probs = answer.probabilities()
+        values = {
+            "digit": probs.argmax(axis=1).astype(np.int64),
+            "probabilities": probs.astype(np.float32),
+            "looks_like_digit": np.asarray(answer.looks_like_digit(), dtype=bool),
+            "digit_score": answer.digit_scores.astype(np.float32),
+        }
     datatypes = {o.name: V2_DTYPE[o.dtype] for o in spec.outputs}
     header = {"model_name": name, "model_version": core.version}
     if parsed.id is not None:

@@ -18,6 +18,7 @@ import numpy as np
 from service.errors import RequestError, bad_request, parsed_json, too_large
 
 DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8")}
+OUTPUT_DTYPES = {**DTYPES, "BOOL": np.dtype("?")}  # answers only (looks_like_digit): one byte an element, binary
 # The JSON part is parsed on the worker's event loop, so its cost is bounded before parsing, with C-speed
 # counts: its size (a 64-image FP32 request in flat JSON is about 1 MB), its arrays and objects (tiny nested
 # lists parse slowly), its values and the digits of its numbers. Binary tensors are for bulk.
@@ -279,7 +280,7 @@ def encode(
     for name, datatype, array in outputs:
         entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary.get(name, binary["*"]):
-            raw = np.ascontiguousarray(array, dtype=DTYPES[datatype]).tobytes()
+            raw = np.ascontiguousarray(array, dtype=OUTPUT_DTYPES[datatype]).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export.build import MANIFEST, ExportConfig, ExportError, build, verify_dir
+from export.detector import DetectorConfig
 from export.formats import FILES, OUTPUT_NAME, export_torchscript, load_runner
 from export.verify import ATOL, BATCH_SIZES, INT8_MAX_ACCURACY_DROP, RTOL, VerificationError, check_batch, verify
 from tests.conftest import REPO
@@ -171,6 +172,7 @@ def test_project_checkpoint_exports_without_store(tiny_run, data_dir, tmp_path):
             register=False,
             int8=False,
             data_dir=str(data_dir),
+            detector=DetectorConfig.quick(),  # the full detector is the book export's (tests/conftest.py)
         )
     )
     assert result.tag is None

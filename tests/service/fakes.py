@@ -26,8 +26,18 @@ MANIFEST = {
     "artifacts": {"onnx": {"file": "convnet.onnx", "sha256": "ab" * 32, "bytes": 1}},
     "verification": {"passed": True, "eager_test_accuracy": 0.9871},
     "opset": 18,
+    "detector": {"file": "detector.onnx", "sha256": "cd" * 32, "bytes": 1, "threshold": 0.5},
+    "golden": {"file": "golden.json", "sha256": "ef" * 32, "bytes": 1},
 }
 WEIGHTS = np.random.default_rng(0).normal(size=(28 * 28, 10)).astype(np.float32) / 28
+
+
+def fake_digit_scores(x: np.ndarray) -> np.ndarray:
+    """The fake detector: an image with no ink (a blank, all at the normalized background) does not look like a
+    digit; any other does."""
+    flat = x.reshape(len(x), -1)
+    inked = (flat > flat.min(axis=1, keepdims=True) + 1e-6).any(axis=1)
+    return np.where(inked, 0.9, 0.1).astype(np.float32)
 
 
 def fake_log_probs(x: np.ndarray) -> np.ndarray:
@@ -44,6 +54,8 @@ class FakeEngine:
         self.config = config
         self.info = RuntimeInfo("onnx", "cpu", "convnet.onnx", "ab" * 32)
         self.ready = True
+        self.problem = None  # the batcher's: a failed golden-set check or a non-finite output
+        self.checks_every_s = None  # what start_checks was called with
         self.calls: list[dict] = []
         self.closed = False
         self.refusal = None  # what refuses_unread answers: set it to a RequestError to refuse bodies unread
@@ -61,7 +73,8 @@ class FakeEngine:
         norm = MANIFEST["normalization"]
         x, seen, asked = model_input(kind, payload, self.config, norm["mean"], norm["std"], declared)
         end = time.time_ns()
-        return Done(fake_log_probs(x), seen if want_inputs or asked else None, start, end, end, time.time_ns(), len(x))
+        seen = seen if want_inputs or asked else None
+        return Done(fake_log_probs(x), seen, start, end, end, time.time_ns(), len(x), fake_digit_scores(x))
 
     def refuses_unread(self, body_bytes: int):
         self.asked_unread.append(body_bytes)
@@ -69,6 +82,9 @@ class FakeEngine:
 
     def state(self) -> dict:
         return {"processes": 1, "fake": True}
+
+    def start_checks(self, every_s: float) -> None:
+        self.checks_every_s = every_s
 
     def close(self) -> None:
         self.closed = True

@@ -36,14 +36,18 @@ def test_models_are_described_from_the_manifest():
     assert convnet.platform == "onnxruntime_onnx" and model_specs(MANIFEST, "torchscript")[CONVNET].platform != "onnx"
     assert convnet.inputs[0].shape == (-1, 1, 28, 28) and convnet.outputs[0].shape == (-1, 10)  # "batch" -> -1
     assert pipeline.inputs[0].dtype == "bytes" and pipeline.also_accepts[0].shape == (-1, 28, 28)
-    assert [o.name for o in pipeline.outputs] == ["digit", "probabilities"]
+    assert [o.name for o in pipeline.outputs] == ["digit", "probabilities", "looks_like_digit", "digit_score"]
 
 
 def test_the_answers_format():
     log_probs = np.log(np.array([[0.1, 0.7, 0.2] + [0.0] * 7, [0.5, 0.25, 0.25] + [0.0] * 7]) + 1e-12)
     inputs = np.full((2, 28, 28), 0.12345, dtype=np.float32)
-    plain, with_inputs = Answer(log_probs, None).predictions(), Answer(log_probs, inputs).predictions()
+    scores = np.array([0.9, 0.2], dtype=np.float32)
+    plain = Answer(log_probs, None, digit_scores=scores, threshold=0.5).predictions()
+    with_inputs = Answer(log_probs, inputs, digit_scores=scores, threshold=0.5).predictions()
     assert [p["digit"] for p in plain] == [1, 0]
+    assert [p["looks_like_digit"] for p in plain] == [True, False]  # the score against the export's threshold
+    assert plain[0]["digit_score"] == pytest.approx(0.9) and plain[1]["digit_score"] == pytest.approx(0.2)
     assert plain[0]["confidence"] == pytest.approx(0.7) and plain[0]["probabilities"][:3] == [0.1, 0.7, 0.2]
     assert "input" not in plain[0] and with_inputs[1]["input"][0][0] == 0.123  # 3 decimals
 

@@ -23,6 +23,11 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 ARTIFACTS = REPO / "build" / "test-artifacts"
 SEVEN = [[(0.22, 0.2), (0.78, 0.2), (0.62, 0.45), (0.45, 0.85)]]  # a bar, then the stem down to the left
 ONE = [[(0.52, 0.12), (0.5, 0.5), (0.48, 0.88)]]
+# a scrawl across the whole pad: back and forth, then across it again
+SCRIBBLE = [
+    [(0.15, 0.2), (0.85, 0.3), (0.2, 0.45), (0.8, 0.55), (0.15, 0.7), (0.85, 0.8), (0.3, 0.15), (0.6, 0.9)],
+    [(0.1, 0.9), (0.5, 0.1), (0.9, 0.85), (0.1, 0.5), (0.9, 0.4)],
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,18 @@ def test_drawn_digits_and_an_uploaded_picture(browser, server):
     browser.find_element(By.ID, "file").send_keys(str(BOOK_IMAGE))
     assert answer(browser, "2") == "2"
     browser.save_screenshot(str(ARTIFACTS / "ui-book-image.png"))
+
+
+def test_a_scribble_is_not_a_digit(browser, server):
+    open_page(browser, server)
+    draw(browser, SCRIBBLE)
+    assert answer(browser, "?") == "?"
+    assert browser.find_element(By.ID, "confidence").text == "this does not look like a digit"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-scribble.png"))
+    browser.find_element(By.ID, "clear").click()
+    draw(browser, SEVEN)  # and a digit after it is a digit again
+    assert answer(browser, "7") == "7"
 
 
 def test_the_page_shows_the_servers_message(browser, server, tmp_path):

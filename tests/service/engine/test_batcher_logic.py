@@ -34,6 +34,7 @@ from service.engine.messages import (
 )
 from service.engine.process import WorkerFailed
 from service.errors import RequestError
+from service.model.golden import CheckResult
 
 INFO = RuntimeInfo("onnx", "cpu", "convnet.onnx", "ab" * 32)
 WEIGHTS = np.random.default_rng(0).normal(size=(MNIST_PIXELS, 10)).astype(np.float32) / 28
@@ -132,6 +133,14 @@ class FakeWork:
         self.fail: Exception | None = None  # raised by the next run, after any hold: a crash
         self.hang = False  # the next run never answers
         self.closed: list[bool] = []  # the kill argument of each close()
+        self.checked = CheckResult(None, 1e-6, 40)  # its golden-set check at start-up
+        self.check_answer = CheckResult(None, 2e-6, 40)  # what each later check finds
+        self.checks = 0
+        self.problem: str | None = None  # the next batch reports the model unfit (a non-finite output)
+
+    async def check(self):
+        self.checks += 1
+        return self.check_answer
 
     async def run(self, batch):
         farm = self.farm
@@ -160,7 +169,7 @@ class FakeWork:
                 inputs = x if job.want_inputs else None
                 answers[job.id] = Done(model(x), inputs, start, model_start, model_start, model_end, model_images)
         stats = BatchStats(model_images, cpu_ns=round(farm.seconds * farm.cpu_share * 1e9), units=units)
-        return BatchDone(batch.id, answers, stats)
+        return BatchDone(batch.id, answers, stats, self.problem)
 
     def close(self, kill: bool = False) -> None:
         self.closed.append(kill)
@@ -213,6 +222,10 @@ class Recorder:
         self.seconds: list[float] = []
         self.abandoned = Count()
         self.restarts = Count()
+        self.golden: list[str | None] = []  # each check's problem, in order
+
+    def observe_golden(self, result) -> None:
+        self.golden.append(result.problem)
 
     def observe_batch(self, stats, seconds) -> None:
         self.model_images.append(stats.model_images)
@@ -1411,3 +1424,73 @@ def test_no_metrics_recorder_is_needed(clock):
     done, error = run(scenario())
     assert done.log_probs.shape == (1, 10) and error.status == 503
     assert (batcher.counters.abandoned, batcher.counters.restarts) == (1, 1)
+
+
+# ---- the golden-set checks ------------------------------------------------------------------------------------
+CHECK_EVERY_S = 0.01  # asyncio's own clock (the fake clock only times batches)
+
+
+def test_the_start_up_checks_are_counted(rig):
+    r = rig(processes=2, express=1)
+    assert r.metrics.golden == [None, None, None] and r.batcher.ready and r.batcher.problem is None
+
+
+def test_idle_processes_are_checked_periodically(rig):
+    async def scenario():
+        r = rig(processes=2)
+        r.batcher.start_checks(CHECK_EVERY_S)
+        seen_idle = []
+
+        def rounds():
+            seen_idle.append(len(r.batcher.idle))
+            return all(w.checks >= 2 for w in r.farm.made)
+
+        await until(rounds, "two rounds of checks")
+        assert min(seen_idle) >= 1  # one process at a time: the other stays in service
+        await until(lambda: len(r.batcher.idle) == 2, "both back in service")
+        assert r.batcher.ready
+        assert (await r.batcher.submit(InputKind.PIXELS, pixels(1), 1)).log_probs.shape == (1, 10)
+        r.batcher.closing = True
+
+    run(scenario())
+
+
+def test_a_busy_process_is_checked_after_its_batch_before_the_next(rig):
+    async def scenario():
+        r = rig(processes=1)
+        hold = busy(r)
+        first = await submitted(r.batcher.submit(InputKind.PIXELS, pixels(1), 1))
+        await settled()
+        r.batcher.start_checks(CHECK_EVERY_S)
+        await until(lambda: r.farm.made[0] in r.batcher.check_due, "a check falls due while it runs")
+        assert r.farm.made[0].checks == 0
+        hold.set()
+        await first
+        await until(lambda: r.farm.made[0].checks == 1, "checked once its batch is done")
+        r.batcher.closing = True
+
+    run(scenario())
+
+
+def test_a_failed_check_makes_the_worker_unready_with_its_line(rig):
+    async def scenario():
+        r = rig(processes=2)
+        r.farm.made[1].check_answer = CheckResult("3-photo.jpg: answered 5, exported as 3", 0.4, 40)
+        r.batcher.start_checks(CHECK_EVERY_S)
+        await until(lambda: r.batcher.problem is not None, "the failure is seen")
+        assert not r.batcher.ready
+        assert r.batcher.problem == "the golden-set check failed: 3-photo.jpg: answered 5, exported as 3"
+        assert "3-photo.jpg: answered 5, exported as 3" in r.metrics.golden
+        r.batcher.closing = True
+
+    run(scenario())
+
+
+def test_a_non_finite_output_makes_the_worker_unready(rig):
+    async def scenario():
+        r = rig(processes=1)
+        r.farm.made[0].problem = "the model's output is not finite for request 7"
+        await r.batcher.submit(InputKind.PIXELS, pixels(1), 1)
+        assert not r.batcher.ready and r.batcher.problem == "the model's output is not finite for request 7"
+
+    run(scenario())

@@ -32,6 +32,7 @@ from service.errors import RequestError
 from service.inputs.preprocess import DIGIT_BOX, MNIST_SIDE
 from service.model.files import ModelFileError
 from tests.service.conftest import big_png
+from tests.service.fakes import fake_digit_scores
 from training.data import Normalization
 
 NORM = Normalization()
@@ -59,11 +60,19 @@ class FakeRuntime:
         return (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
+class FakeDetector:
+    threshold = 0.5
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        return fake_digit_scores(x)
+
+
 def make_work(limits: ServiceConfig | None = None, runtime: FakeRuntime | None = None) -> Work:
     w = Work.__new__(Work)
     w.limits = limits or ServiceConfig()
     w.mean, w.std = NORM.mean, NORM.std
     w.runtime = runtime or FakeRuntime()
+    w.detector = FakeDetector()
     return w
 
 
@@ -379,6 +388,8 @@ def fake_work(monkeypatch):
             self.limits = ServiceConfig(**init.limits)
             self.mean, self.std = init.manifest["normalization"]["mean"], init.manifest["normalization"]["std"]
             self.runtime = FakeRuntime()
+            self.detector = FakeDetector()
+            self.checked = None
             made.append(self)
 
     monkeypatch.setattr(work_module, "Work", FakeWork)
@@ -430,3 +441,29 @@ def test_an_init_that_fails_sends_failed(monkeypatch, error, reason):
     assert isinstance(failed, Failed) and failed.reason.startswith(reason)
     assert receive(talk.ours) is None  # it stops after saying so
     assert talk.finish() == 1
+
+
+class NaNRuntime(FakeRuntime):
+    """A broken model: NaN for every image."""
+
+    def log_probs(self, x: np.ndarray) -> np.ndarray:
+        return np.full((len(x), CLASSES), np.nan, np.float32)
+
+
+def test_a_non_finite_output_is_never_an_answer_and_reports_the_process_unfit():
+    w = make_work(runtime=NaNRuntime())
+    done = w.run(Batch(9, [pixels_job(1), encoded_job(2), normalized_job(3)]))
+    for job_id in (1, 2):  # images in 0..1: the model is broken, a 503 and the process unfit
+        assert isinstance(done.answers[job_id], RequestError) and done.answers[job_id].status == 503
+    assert done.problem == "the model's output is not finite for request 1"
+    # the network's own input: the client's values; its adapter answers a 400 (service/protocols/v2.py)
+    assert isinstance(done.answers[3], Done) and np.isnan(done.answers[3].log_probs).all()
+
+
+def test_answers_carry_the_detectors_scores():
+    w = make_work()
+    blank = Job(4, InputKind.PIXELS, np.zeros((1, SIDE, SIDE), np.float32), False, None)
+    done = w.run(Batch(1, [pixels_job(1, 2), blank]))
+    assert done.problem is None
+    assert done.answers[1].digit_scores.tolist() == pytest.approx([0.9, 0.9])
+    assert done.answers[4].digit_scores.tolist() == pytest.approx([0.1])

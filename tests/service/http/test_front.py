@@ -83,7 +83,7 @@ def test_predict_answers_each_image_in_order():
     results = answer.json()
     assert len(results) == 3
     for r in results:
-        assert set(r) == {"digit", "confidence", "probabilities"}
+        assert set(r) == {"digit", "confidence", "probabilities", "looks_like_digit", "digit_score"}
         assert r["confidence"] == pytest.approx(max(r["probabilities"]), abs=1e-6)
         assert sum(r["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert app.core.engine.calls[-1]["images"] == 3

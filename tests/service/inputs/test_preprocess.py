@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from bench import workloads
+from export.samples import realistic
 from service.inputs.preprocess import (
     MAX_PIXELS,
     ImageError,
@@ -18,7 +19,6 @@ from service.inputs.preprocess import (
     normalize,
 )
 from tests.conftest import BOOK_IMAGE
-from tests.service import realistic
 from tests.service.conftest import png_bytes
 
 SAMPLES_PER_KIND = 60

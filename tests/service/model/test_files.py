@@ -35,6 +35,8 @@ def good_manifest(data: bytes = MODEL_BYTES) -> dict:
         "opset": 17,
         "verification": {"passed": True, "eager_test_accuracy": 0.99},
         "calibration": {"bins": 15, "ece": 0.0048, "temperature": 1.2066, "ece_at_temperature": 0.0036},
+        "detector": {"file": "detector.onnx", "sha256": "cd" * 32, "bytes": 10, "threshold": 0.62},
+        "golden": {"file": "golden.json", "sha256": "ef" * 32, "bytes": 10},
     }
 
 
@@ -238,11 +240,20 @@ BAD_FIELDS = [
     ("model_config.image_size", DELETE, "(model_config.image_size)"),
     ("model_config.image_size", 28.0, "(model_config.image_size)"),
     ("model_config.image_size", "28", "(model_config.image_size)"),
-    ("verification", DELETE, "(verification.passed)"),
-    ("verification", True, "(verification.passed)"),
-    ("verification.passed", DELETE, "(verification.passed)"),
-    ("verification.passed", "yes", "(verification.passed)"),
-    ("verification.passed", 1, "(verification.passed)"),
+    ("verification", DELETE, "(verification.passed:"),
+    ("verification", True, "(verification.passed:"),
+    ("verification.passed", DELETE, "(verification.passed:"),
+    ("verification.passed", "yes", "(verification.passed:"),
+    ("verification.passed", 1, "(verification.passed:"),
+    ("verification.passed", False, "(verification.passed: the export's verification must have passed)"),
+    ("detector", DELETE, "(detector)"),
+    ("detector.file", "../convnet.onnx", "(detector.file: a plain file name"),
+    ("detector.sha256", "0" * 63, "(detector.sha256)"),
+    ("detector.threshold", DELETE, "(detector.threshold: a number in 0..1)"),
+    ("detector.threshold", 1.5, "(detector.threshold: a number in 0..1)"),
+    ("detector.threshold", float("nan"), "(detector.threshold: a number in 0..1)"),
+    ("golden", DELETE, "(golden)"),
+    ("golden.bytes", -1, "(golden.bytes)"),
     ("verification.eager_test_accuracy", DELETE, "(verification.eager_test_accuracy)"),
     ("verification.eager_test_accuracy", "0.99", "(verification.eager_test_accuracy)"),
     ("verification.eager_test_accuracy", None, "(verification.eager_test_accuracy)"),
@@ -252,9 +263,13 @@ BAD_FIELDS = [
     ("opset", False, "(opset)"),
     ("calibration", [1.2], "(calibration)"),
     *[
-        ("calibration.temperature", bad, "(calibration.temperature: a finite positive number, or null)")
-        for bad in (0, -1.2, "1.2", True, [1.2])
+        ("calibration.temperature", bad, "(calibration.temperature: a number in 0.05..20")
+        for bad in (0, -1.2, "1.2", True, [1.2], 1e-9, 0.049, 20.5, 1e308)
     ],
+    ("input.shape", ["batch", 1, 28, 28, 1], "(input.shape: [batch, channels, side, side]"),
+    ("input.shape", ["batch", 1, 28, 27], "(input.shape: [batch, channels, side, side]"),
+    ("model_config.image_size", 27, "(input.shape: [batch, channels, side, side]"),
+    ("output.shape", ["batch", 10, 1], "(output.shape: [batch, classes])"),
 ]
 
 
@@ -304,7 +319,7 @@ def test_a_non_finite_temperature_is_refused(tmp_path, value):
     text = json.dumps(good_manifest()).replace('"temperature": 1.2066', f'"temperature": {value}')
     assert value in text
     (tmp_path / "manifest.json").write_text(text)
-    assert "(calibration.temperature: a finite positive number" in str(refused(read_manifest, tmp_path))
+    assert "(calibration.temperature: a number in 0.05..20" in str(refused(read_manifest, tmp_path))
 
 
 # ---- the model file -----------------------------------------------------------------------------------------

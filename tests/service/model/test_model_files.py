@@ -35,6 +35,24 @@ def _flip(path, start=50_000, length=4096):
     path.write_bytes(bytes(data))
 
 
+def _flip_exponent(path):
+    """One byte changed: the sign and exponent byte of the model's largest weight (its largest tensor's), as a bit
+    rot or a hand edit could; what it changes is far beyond round-off. (A flip in a low mantissa byte changes a
+    weight by about 1e-5 of itself and the answers by less than the export's tolerance: not an edit that changes
+    answers.)"""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    data = bytearray(path.read_bytes())
+    tensor = max(onnx.load_from_string(bytes(data)).graph.initializer, key=lambda t: len(t.raw_data))
+    values = numpy_helper.to_array(tensor).ravel()
+    at = data.find(tensor.raw_data)
+    assert at >= 0 and values.dtype == np.float32
+    data[at + 4 * int(np.abs(values).argmax()) + 3] ^= 0xFF  # little-endian: the fourth byte holds sign and exponent
+    path.write_bytes(bytes(data))
+
+
 def _edit(model_dir, change):
     manifest = json.loads((model_dir / "manifest.json").read_text())
     change(manifest)
@@ -51,14 +69,29 @@ def _replace_with_fifo(path):
     os.mkfifo(path)
 
 
-def _rehash(model_dir):
-    """A manifest that agrees with whatever convnet.onnx now holds (as if a broken file had been exported)."""
+def _rehash(model_dir, section=("artifacts", "onnx")):
+    """A manifest that agrees with whatever the file of ``section`` now holds (as if a broken file had been
+    exported): what a writer who changes a model file and its manifest's sha256 leaves."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    onnx = model_dir / "convnet.onnx"
-    manifest["artifacts"]["onnx"].update(
-        sha256=hashlib.sha256(onnx.read_bytes()).hexdigest(), bytes=onnx.stat().st_size
-    )
+    entry = manifest
+    for key in section:
+        entry = entry[key]
+    path = model_dir / entry["file"]
+    entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _cut_golden(model_dir):
+    golden = json.loads((model_dir / "golden.json").read_text())
+    golden["inputs"] = golden["inputs"][:1]
+    (model_dir / "golden.json").write_text(json.dumps(golden))
+
+
+def _scale(model_dir, key, factor):
+    _edit(model_dir, lambda m: m["normalization"].update({key: m["normalization"][key] * factor}))
+
+
+GOLDEN_FAILED = "the golden-set check failed: 0-mnist.png: "
 
 
 BREAKAGES = {  # name -> (how to break the copied store, what the one line must say)
@@ -89,6 +122,45 @@ BREAKAGES = {  # name -> (how to break the copied store, what the one line must 
     "manifest a device": (lambda d: _replace_with_link(d / "manifest.json", "/dev/zero"), "is not a regular file"),
     "model a fifo": (lambda d: _replace_with_fifo(d / "convnet.onnx"), "is not a regular file"),
     "model.yaml garbage": (lambda d: (d / "model.yaml").write_text("{{{: ["), "model store entry cannot be read"),
+    # edits that keep every hash in agreement: the golden set catches what they change in the answers
+    "normalization std x10": (lambda d: _scale(d, "std", 10), GOLDEN_FAILED),
+    "normalization mean negated": (lambda d: _scale(d, "mean", -1), GOLDEN_FAILED),
+    "normalization std 1e-30": (lambda d: _scale(d, "std", 1e-30 / 0.3069), GOLDEN_FAILED),
+    "a weight's exponent flipped, manifest agreeing": (
+        lambda d: (_flip_exponent(d / "convnet.onnx"), _rehash(d)),
+        GOLDEN_FAILED,
+    ),
+    "a detector weight changed, manifest agreeing": (
+        lambda d: (_flip_exponent(d / "detector.onnx"), _rehash(d, ("detector",))),
+        "digit score",
+    ),
+    "the verification recorded as failed": (
+        lambda d: _edit(d, lambda m: m["verification"].update(passed=False)),
+        "(verification.passed: the export's verification must have passed)",
+    ),
+    "input shape edited": (
+        lambda d: _edit(d, lambda m: m["input"].update(shape=["batch", 1, 32, 32])),
+        "convnet.onnx: its input is 'images' tensor(float) [-1, 1, 28, 28], the manifest says",
+    ),
+    "output shape edited": (
+        lambda d: _edit(d, lambda m: m["output"].update(shape=["batch", 12])),
+        "convnet.onnx: its output is 'log_probs' tensor(float) [-1, 10], the manifest says",
+    ),
+    "golden set deleted from the manifest": (lambda d: _edit(d, lambda m: m.pop("golden")), "(golden)"),
+    "detector threshold 0": (lambda d: _edit(d, lambda m: m["detector"].update(threshold=0.0)), "looks_like_digit"),
+    "detector threshold 1": (lambda d: _edit(d, lambda m: m["detector"].update(threshold=1.0)), "looks_like_digit"),
+    "a temperature added": (
+        lambda d: _edit(d, lambda m: m["calibration"].update(temperature=2.0)),
+        "(the calibration temperature?)",
+    ),
+    "a temperature of 1e-9": (
+        lambda d: _edit(d, lambda m: m["calibration"].update(temperature=1e-9)),
+        "(calibration.temperature: a number in 0.05..20",
+    ),
+    "golden set cut to one input, manifest agreeing": (
+        lambda d: (_cut_golden(d), _rehash(d, ("golden",))),
+        "golden.json: its inputs are not the 44 the export records",
+    ),
     "unparseable model, manifest agreeing": (
         lambda d: ((d / "convnet.onnx").write_bytes(b"\x08\x07garbage" * 100), _rehash(d)),
         "is not a model ONNX Runtime can load",

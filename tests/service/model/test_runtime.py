@@ -74,6 +74,8 @@ def write_model(folder, files: dict[str, tuple[str, bytes]]) -> dict:
         "model_config": {"image_size": SIDE, "in_channels": 1, "num_classes": CLASSES},
         "verification": {"passed": True, "eager_test_accuracy": 0.99},
         "opset": 18,
+        "detector": {"file": "detector.onnx", "sha256": "cd" * 32, "bytes": 10, "threshold": 0.62},
+        "golden": {"file": "golden.json", "sha256": "ef" * 32, "bytes": 10},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return read_manifest(folder)
@@ -196,14 +198,20 @@ def test_an_unknown_runtime_is_a_key_error(onnx_dir):
 
 
 # ---- the CUDA provider, without a GPU ------------------------------------------------------------------------
+REAL_SESSION = ort.InferenceSession
+
+
 class FakeSession:
-    """An InferenceSession that runs on whichever provider the test says it got."""
+    """An InferenceSession that runs on whichever provider the test says it got (and describes the model's inputs
+    and outputs as the real one does)."""
 
     got = "CPUExecutionProvider"
     made: list = []
 
     def __init__(self, model, options, providers):
         FakeSession.made.append((model, options, providers))
+        real = REAL_SESSION(model, providers=["CPUExecutionProvider"])
+        self.get_inputs, self.get_outputs = real.get_inputs, real.get_outputs
 
     def get_providers(self):
         return [self.got, "CPUExecutionProvider"] if self.got != "CPUExecutionProvider" else [self.got]

@@ -62,7 +62,7 @@ def test_model_metadata_from_the_core(app):
     }
     pipeline = run(app, "GET", "/v2/models/mnist/versions/v1").json()
     assert pipeline["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
-    assert [o["datatype"] for o in pipeline["outputs"]] == ["INT64", "FP32"]
+    assert [o["datatype"] for o in pipeline["outputs"]] == ["INT64", "FP32", "BOOL", "FP32"]
     assert run(app, "GET", "/v2/models/mnist/ready").json() == {"name": "mnist", "ready": True}
 
 
