@@ -22,8 +22,8 @@ FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "C:
 LETTERS = "ACEFHKLMNPRUVWXYacdefhkmnprtuvwxy"
 SYMBOLS = "?!@#$%&*+=<>{}[]~^\\€£¥§©®±÷×∑∞≈≠√"
 # pictographs and dingbats the fonts draw (DejaVu has them all): what a person pastes or doodles for fun
-# (no plain circles or squares: drawn by hand, a ring is a 0)
-PICTOGRAPHS = "☺☹☻♥♦♣♠♪♫☯☮✔✘✓✗⚡☀☁☂☃★☆✈☎♻⚠⚓✂✉✏✿❀❄❤➔←→↑↓↔⇒⊕⊗◆◇▲△☼☾♀♂"
+# (nothing round or ring-like: drawn by hand with a thick pen, a ring is a 0, and so is a face or a diamond)
+PICTOGRAPHS = "♥♣♠♪♫✔✘✓✗⚡☁☂☃★☆✈☎♻⚠⚓✂✉✏✿❀❄❤➔←→↑↓↔⇒▲△☾♀♂"
 PICTOGRAPH_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf")  # the faces that draw every one of them
 
 
