@@ -28,7 +28,10 @@ class Recorder:
     def observe_batch(self, stats, seconds):
         self.model_images.append(stats.model_images)
 
-    def observe_answer(self, digits, confidences, prepare_s=None):
+    def observe_answer(self, digits, confidences, prepare_s=None, not_digits=0):
+        pass
+
+    def observe_golden(self, result):
         pass
 
 

@@ -91,7 +91,7 @@ def _scale(model_dir, key, factor):
     _edit(model_dir, lambda m: m["normalization"].update({key: m["normalization"][key] * factor}))
 
 
-GOLDEN_FAILED = "the golden-set check failed: 0-mnist.png: "
+GOLDEN_FAILED = "the golden-set check failed: "
 
 
 BREAKAGES = {  # name -> (how to break the copied store, what the one line must say)
@@ -140,7 +140,11 @@ BREAKAGES = {  # name -> (how to break the copied store, what the one line must 
     ),
     "input shape edited": (
         lambda d: _edit(d, lambda m: m["input"].update(shape=["batch", 1, 32, 32])),
-        "convnet.onnx: its input is 'images' tensor(float) [-1, 1, 28, 28], the manifest says",
+        "(input.shape: [batch, channels, side, side], side the model_config.image_size (28))",
+    ),
+    "input name edited": (
+        lambda d: _edit(d, lambda m: m["input"].update(name="pixels")),
+        "convnet.onnx: its input is 'images' tensor(float) [-1, 1, 28, 28], the manifest says 'pixels'",
     ),
     "output shape edited": (
         lambda d: _edit(d, lambda m: m["output"].update(shape=["batch", 12])),

@@ -47,7 +47,12 @@ def test_triton_health_and_metadata(triton, book_export):
     assert convnet["inputs"] == [{"name": manifest["input"]["name"], "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert convnet["outputs"] == [{"name": manifest["output"]["name"], "datatype": "FP32", "shape": [-1, 10]}]
     mnist = triton.get_model_metadata("mnist")
-    assert [(t["name"], t["datatype"]) for t in mnist["outputs"]] == [("digit", "INT64"), ("probabilities", "FP32")]
+    assert [(t["name"], t["datatype"]) for t in mnist["outputs"]] == [
+        ("digit", "INT64"),
+        ("probabilities", "FP32"),
+        ("looks_like_digit", "BOOL"),
+        ("digit_score", "FP32"),
+    ]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
