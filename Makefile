@@ -26,13 +26,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-# The browser test (tests/service/test_ui.py) needs Debian's Chromium and its driver: installed where apt-get can
-# (as root, as on CI); elsewhere that test is skipped with the reason.
+# The browser test (tests/service/test_ui.py) needs Debian's Chromium and its driver, the alert rules' tests
+# (tests/deploy/test_alerts.py) promtool from Debian's prometheus package, the feedback store's tests a real
+# PostgreSQL server (tests/postgres.py): installed where apt-get can (as root, as on CI); elsewhere those tests are
+# skipped with the reason (on CI, a missing promtool or PostgreSQL fails them).
 test: install
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
 		 echo "note: Chromium could not be installed; the browser test will be skipped")
+	@command -v promtool >/dev/null || \
+		(apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1) || \
+		 echo "note: promtool could not be installed; the alert rules' tests will be skipped")
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get install -y -q postgresql >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1) || \
+		 echo "note: PostgreSQL could not be installed; the feedback store's PostgreSQL tests will be skipped")
 	$(PY) -m pytest
 
 # The tests not marked slow (no `bentoml serve`, no model store, no work processes), with the coverage of service/.

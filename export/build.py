@@ -115,9 +115,9 @@ def _detector_and_golden(
     model, ckpt: Checkpoint, root: Path, test_images, test_labels, temperature: float | None, cfg: ExportConfig
 ) -> dict:
     """The not-a-digit detector (export/detector.py) and the golden set (export/golden.py): their manifest
-    sections, each with its file's hash."""
+    sections, each with its file's hash; and the drift reference made with both (export/drift.py)."""
     from export import detector as detectors
-    from export import golden
+    from export import drift, golden
 
     out, norm = Path(cfg.out), ckpt.normalization
     train_images, _ = load_mnist(root, train=True)
@@ -130,6 +130,7 @@ def _detector_and_golden(
     return {
         "detector": {**_describe(out / detectors.FILE), **section},
         "golden": {**_describe(out / golden.FILE), **summary},
+        "drift": drift.record(test_u8, model, detector, norm, temperature, section["threshold"]),
     }
 
 
@@ -207,6 +208,8 @@ def build(cfg: ExportConfig) -> BuildResult:
             "metrics": {k: v for k, v in ckpt.metrics.items() if k != "history"},
             "provenance": {k: v for k, v in ckpt.provenance.items() if k != "checkpoint_sha256"},
         },
+        # the labelled feedback rows the model was trained on (training/feedback.py): store, rows, id range, hash
+        "feedback": ckpt.provenance.get("feedback"),
         "verification": report,
         "calibration": calibration,  # the served probabilities are softmax(log_probs / temperature)
         **checks,

@@ -120,6 +120,53 @@ class ServiceConfig:
         "always); a mismatch makes the worker unready. 0: at start-up only",
         minimum=0,
     )
+    # ---- feedback (README "The feedback loop") ----
+    feedback: bool = setting(
+        "MNIST_FEEDBACK",
+        True,
+        "each answer is remembered under its X-Request-ID so that POST /feedback can label it; 0: no /feedback",
+        minimum=0,
+    )
+    feedback_db: str = setting(
+        "MNIST_FEEDBACK_DB",
+        "",
+        "the SQLite file of the feedback store (WAL mode); unset: feedback.sqlite3 in $BENTOML_HOME",
+    )
+    feedback_url: str = setting(
+        "MNIST_FEEDBACK_URL",
+        "",
+        "postgresql://user:password@host/db: the store on PostgreSQL instead, shared by a fleet of pods",
+        secret=True,
+    )
+    feedback_window_s: float = setting(
+        "MNIST_FEEDBACK_WINDOW_S",
+        3600.0,
+        "an answer takes feedback for this long; later, its id is unknown (404) and its row is deleted",
+        status=404,
+    )
+    feedback_images: bool = setting(
+        "MNIST_FEEDBACK_IMAGES",
+        False,
+        "also store the 28x28 image the model saw (never the upload) with each answer and its feedback, for "
+        "`python -m training --feedback`; off: no pixels are kept",
+        minimum=0,
+    )
+    feedback_image_rows: int = setting(
+        "MNIST_FEEDBACK_IMAGE_ROWS", 100_000, "stored feedback images kept, newest first; older ones are erased"
+    )
+    feedback_image_days: float = setting(
+        "MNIST_FEEDBACK_IMAGE_DAYS", 30.0, "a stored feedback image is erased this many days after its label came"
+    )
+    accuracy_window: int = setting(
+        "MNIST_ACCURACY_WINDOW", 200, "the online accuracy gauge counts each model's last this many labels"
+    )
+    accuracy_alert_below: float = setting(
+        "MNIST_ACCURACY_ALERT_BELOW",
+        0.9,
+        "the online-accuracy alert's threshold (exported as a gauge for the alert rule)",
+        minimum=0,
+        maximum=1,
+    )
     # ---- per-request limits ----
     max_request_bytes: int = setting(
         "MNIST_MAX_REQUEST_BYTES", 32 * MiB, "request body size, with or without a Content-Length", status=413
@@ -202,6 +249,14 @@ class ServiceConfig:
         True,
         "one JSON line per request on the service.access logger: time, method, path, status, duration, bytes, "
         "request id",
+        minimum=0,
+    )
+    drift_window: int = setting(
+        "MNIST_DRIFT_WINDOW",
+        200,
+        "images in each worker's drift window (mnist_drift_score, once it is full); one of the sizes the export "
+        "bootstrapped the thresholds for (100, 200, 400): a threshold holds only for its window size. 200 fills "
+        "within 500 requests on 2 workers; 0: no drift monitoring",
         minimum=0,
     )
 

@@ -13,6 +13,7 @@ import numpy as np
 from service.engine.batcher import Batcher, Timeline
 from service.engine.messages import Done, InputKind, RuntimeInfo
 from service.model.calibration import probabilities
+from service.observe.drift import DriftMonitor
 
 CONVNET, PIPELINE = "mnist-convnet", "mnist"  # the network as exported; the classifier end to end
 
@@ -164,8 +165,9 @@ def _prepare_s(done: Done, kind: InputKind) -> float | None:
 
 
 class Core:
-    def __init__(self, config, manifest: dict, tag: str, engine: Batcher, metrics=None, tracing=None):
+    def __init__(self, config, manifest: dict, tag: str, engine: Batcher, metrics=None, tracing=None, recorder=None):
         self.config, self.manifest, self.tag, self.engine = config, manifest, tag, engine
+        self.recorder = recorder  # service/feedback/recorder.py: answers remembered for POST /feedback
         self.version = tag.partition(":")[2]
         self.metrics, self.tracing = metrics, tracing
         self.runtime: RuntimeInfo = engine.info
@@ -174,6 +176,7 @@ class Core:
         self.calibration = manifest.get("calibration") or {}  # exports before calibration have none
         self.temperature = self.calibration.get("temperature")
         self.threshold = float(manifest["detector"]["threshold"])
+        self.drift = DriftMonitor.from_manifest(manifest, config.drift_window, metrics)  # None: no drift section
 
     @property
     def ready(self) -> bool:
@@ -184,11 +187,19 @@ class Core:
     ) -> Answer:
         """Classify one request of at most ``images`` images (an upper bound where the payload is not parsed
         yet): the model's answer, or the RequestError the request ends in."""
-        done = await self._run(kind, payload, images, return_input, call)
-        answer = Answer(done.log_probs, done.inputs, self.temperature, done.digit_scores, self.threshold)
+        keep = self.recorder is not None and self.recorder.keep_images and call is not None
+        done = await self._run(kind, payload, images, return_input or keep, call)
+        inputs = done.inputs if return_input or done.asked else None  # not those kept only for the store
+        answer = Answer(done.log_probs, inputs, self.temperature, done.digit_scores, self.threshold)
         if self.metrics is not None:
             self.metrics.observe_answer(
                 *answer.digits_and_confidences(), _prepare_s(done, kind), answer.looks_like_digit().count(False)
+            )
+        if self.drift is not None:
+            self.drift.observe(answer, done.stats)
+        if self.recorder is not None and call is not None and call.request_id:
+            self.recorder.remember(
+                call.request_id, *answer.digits_and_confidences(), answer.looks_like_digit(), done.inputs
             )
         return answer
 
@@ -252,3 +263,5 @@ class Core:
 
     def close(self) -> None:
         self.engine.close()
+        if self.recorder is not None:
+            self.recorder.close()

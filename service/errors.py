@@ -19,6 +19,7 @@ REASONS = (
     "unsupported",  # wrong media type or method
     "unauthorized",  # no or a wrong API token
     "not_found",
+    "conflict",  # feedback for an answer that has its feedback already
     "timeout",  # the client was too slow to send its request
     "overloaded",  # the server's queue or memory is full: retry later
     "unavailable",  # starting, draining, or a work process failed

@@ -22,11 +22,14 @@ from service.config import ConfigError, ServiceConfig
 from service.core import Core, InputKind
 from service.engine.batcher import start_batcher
 from service.engine.process import WorkerFailed
+from service.feedback.recorder import Recorder
+from service.feedback.store import StoreError, open_store
 from service.http import uvicorn_glue
 from service.http.front import FrontedService
 from service.model.files import REEXPORT, ModelFileError, read_manifest
 from service.model.signature import verify_signature
 from service.observe import access
+from service.observe.drift import window_problem
 from service.observe.metrics import metrics
 from service.observe.tracing import Tracing, exporters_named
 from service.protocols import ROUTES
@@ -64,6 +67,32 @@ def _stored_manifest(tag: str) -> dict:
 
 
 MANIFEST = _stored_manifest(CONFIG.model_tag)
+if drift_problem := window_problem(MANIFEST, CONFIG.drift_window):  # a window the thresholds were not made for
+    sys.exit(f"error: model {CONFIG.model_tag}: {drift_problem}")
+
+
+def feedback_store() -> str:
+    """Where feedback goes: MNIST_FEEDBACK_URL, else MNIST_FEEDBACK_DB, else feedback.sqlite3 in $BENTOML_HOME."""
+    return CONFIG.feedback_url or CONFIG.feedback_db or os.path.join(bentoml_glue.bentoml_home(), "feedback.sqlite3")
+
+
+def _check_feedback_store() -> None:
+    """Before any worker starts: open the feedback store (creating or migrating its schema) once, so that a
+    setting that cannot work stops the server with one line."""
+    if CONFIG.feedback:
+        try:
+            open_store(feedback_store()).close()
+        except StoreError as exc:
+            sys.exit(f"error: {exc} (MNIST_FEEDBACK=0 serves without feedback)")
+
+
+def _feedback_recorder(tag: str) -> Recorder | None:
+    """This worker's side of the feedback store (MNIST_FEEDBACK); one that fails later costs feedback a 503."""
+    if not CONFIG.feedback:
+        return None
+    recorder = Recorder(feedback_store(), tag, CONFIG, metrics(CONFIG.max_batch_size))
+    recorder.metrics.set_accuracy_settings(CONFIG.accuracy_window, CONFIG.accuracy_alert_below)
+    return recorder
 
 
 class Prediction(BaseModel):
@@ -107,6 +136,7 @@ class MNISTClassifier:
         file checked against the manifest's sha256, then parsed and run), so that a broken model stops the
         server with one line instead of sending its workers into a restart loop."""
         tag = CONFIG.model_tag
+        _check_feedback_store()
         try:
             start_batcher(bentoml.models.get(tag).path, MANIFEST, replace(CONFIG, work_procs=1)).close()
         except WorkerFailed as exc:
@@ -122,7 +152,8 @@ class MNISTClassifier:
         except WorkerFailed as exc:
             sys.exit(f"error: the model {self.model.tag} could not be loaded: {exc}")
         tag = str(self.model.tag)
-        self.core = Core(CONFIG, MANIFEST, tag, engine, metrics(CONFIG.max_batch_size), Tracing.from_env())
+        recorder = _feedback_recorder(tag)
+        self.core = Core(CONFIG, MANIFEST, tag, engine, metrics(CONFIG.max_batch_size), Tracing.from_env(), recorder)
         # Everything alive now (modules, BentoML's machinery) lives as long as the worker: move it out of the
         # garbage collector's view, so that a full collection under load takes a few ms, not ~70.
         gc.collect()

@@ -87,3 +87,13 @@ def book_export(book_checkpoint, data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("book_export")
     return build(ExportConfig(checkpoint=str(book_checkpoint), out=str(out), data_dir=str(data_dir)))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres.py)."""
+    from tests.postgres import Postgres
+
+    server = Postgres()
+    yield server
+    server.remove()

@@ -90,6 +90,8 @@ class Done:
     model_end_ns: int
     batch_images: int  # images in the model call this request's images were part of
     digit_scores: np.ndarray | None = None  # the not-a-digit detector's score per image (service/model/detector.py)
+    stats: np.ndarray | None = None  # [N, 4] float32 per image: service/inputs/stats.py (None: the network's own input)
+    asked: bool = False  # the payload itself asked for ``inputs`` (a JSON body's "return_input": true)
 
     @property
     def prepare_s(self) -> float:

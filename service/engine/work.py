@@ -39,6 +39,7 @@ from service.engine.messages import (
     send,
     work_units,
 )
+from service.inputs.stats import input_stats
 
 LARGE_DECODE_PIXELS = 4_000_000  # after decoding this much in one batch, give the freed memory back
 # The CPU a request of image files may spend being decoded: this much, plus this much per pixel its headers declare
@@ -232,16 +233,26 @@ class Work:
             stats = self._stats(0, decoded, cpu_start, units)
             return BatchDone(batch.id, {**answers, **{job.id: failed for job, *_ in ready}}, stats)
         model_end = time.time_ns()
+        inputs = _input_stats([seen for _, _, seen, *_ in ready])
         stats = self._stats(len(images), decoded, cpu_start, units)
         finite = np.isfinite(log_probs).all(axis=1) & np.isfinite(digit_scores)
         offset, problem = 0, None
-        for job, x, seen, start, end in ready:
+        for (job, x, seen, wanted, asked, start, end), own in zip(ready, inputs, strict=True):
             rows = slice(offset, offset + len(x))
             offset += len(x)
             if finite[rows].all() or job.kind is InputKind.NORMALIZED:  # the network's own input: the client's
                 # values may be too large for float32, and its adapter answers that with a 400
                 answers[job.id] = Done(
-                    log_probs[rows].copy(), seen, start, end, model_start, model_end, len(images), digit_scores[rows]
+                    log_probs[rows].copy(),
+                    seen if wanted else None,
+                    start,
+                    end,
+                    model_start,
+                    model_end,
+                    len(images),
+                    digit_scores[rows],
+                    own,
+                    asked,
                 )
             else:  # images in 0..1, normalized by the manifest's constants: the model itself is broken
                 problem = problem or f"the model's output is not finite for request {job.request_id or job.id}"
@@ -270,7 +281,9 @@ class Work:
         return BatchStats(model_images, **decoded, cpu_ns=time.process_time_ns() - cpu_start, units=units)
 
     def _prepare(self, job: Job):
-        """(the model's input, the 28x28 images if asked for), or the RequestError the request ends in."""
+        """(the model's input, the 28x28 images it was made from (None for the network's own input), whether they
+        go back with the answer, whether the payload itself asked for that), or the RequestError the request ends
+        in."""
         from service.errors import RequestError
 
         budget = None
@@ -283,7 +296,7 @@ class Work:
                 x, seen, asked = model_input(job.kind, job.payload, self.limits, self.mean, self.std, job.declared)
             finally:
                 _CpuBudget.disarm()
-            return x, seen if job.want_inputs or asked else None
+            return x, seen, job.want_inputs or asked, asked
         except OverCpuBudget:
             return RequestError(
                 413,
@@ -296,6 +309,20 @@ class Work:
         except Exception:  # noqa: BLE001 - a bug, not the client's input: logged, answered 500
             log.error("preparing request %s failed:\n%s", job.request_id or job.id, traceback.format_exc())
             return _internal("the server failed to prepare this request")
+
+
+def _input_stats(images: list) -> list:
+    """Each request's input statistics (service/inputs/stats.py) for drift monitoring, computed in one pass over
+    the batch's images; None for a request of the network's own input."""
+    present = [seen for seen in images if seen is not None]
+    if not present:
+        return [None] * len(images)
+    stats = input_stats(np.concatenate(present))
+    out, offset = [], 0
+    for seen in images:
+        out.append(None if seen is None else stats[offset : offset + len(seen)])
+        offset += 0 if seen is None else len(seen)
+    return out
 
 
 def _internal(message: str):

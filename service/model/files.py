@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from service.model.calibration import TEMPERATURE_BOUNDS
+from service.observe.drift import METHOD, QUANTITIES
 
 REEXPORT = "re-export the model (`make export`, or `python -m export build --checkpoint artifacts/convnet.pt`)"
 MAX_MANIFEST_BYTES = 1024 * 1024  # the export writes a few KB
@@ -129,7 +130,41 @@ def _manifest_problem(m) -> str | None:
     low, high = TEMPERATURE_BOUNDS
     if temperature is not None and (not _number(temperature) or not low <= temperature <= high):
         return f"calibration.temperature: a number in {low:g}..{high:g} (the range the export fits it in), or null"
+    if m.get("drift") is not None:  # absent in exports made before it: the service then exports no drift scores
+        return _drift_problem(m["drift"])
     return None
+
+
+def _drift_problem(d) -> str | None:
+    """What is wrong with the drift section (export/drift.py), as the path of the first bad field, or None."""
+    if not isinstance(d, dict) or d.get("method") != METHOD:
+        return f"drift.method: {METHOD!r}"
+    quantities = d.get("quantities")
+    if not isinstance(quantities, dict) or set(quantities) != set(QUANTITIES):
+        return f"drift.quantities: exactly {', '.join(QUANTITIES)}"
+    for name, q in quantities.items():
+        edges, reference = (q.get("edges"), q.get("reference")) if isinstance(q, dict) else (None, None)
+        if not _numbers(edges) or any(a >= b for a, b in zip(edges, edges[1:])):
+            return f"drift.quantities.{name}.edges: increasing numbers"
+        if not _numbers(reference) or len(reference) != len(edges) + 1 or min(reference) < 0:
+            return f"drift.quantities.{name}.reference: a share per bin, one more than the edges"
+        if abs(sum(reference) - 1) > 1e-3:
+            return f"drift.quantities.{name}.reference: shares that sum to 1"
+    thresholds = d.get("thresholds")
+    if not isinstance(thresholds, dict) or not thresholds:
+        return "drift.thresholds: thresholds per window size"
+    for window, per in thresholds.items():
+        if not re.fullmatch(r"[1-9][0-9]{0,6}", window):
+            return f"drift.thresholds.{window[:20]}: a window size (images)"
+        if not isinstance(per, dict) or set(per) != set(QUANTITIES):
+            return f"drift.thresholds.{window}: a threshold for each of {', '.join(QUANTITIES)}"
+        if not _numbers(list(per.values())) or not all(0 < t <= 1 for t in per.values()):
+            return f"drift.thresholds.{window}: numbers in (0, 1] (divergences in bits)"
+    return None
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and all(_number(v) for v in values)
 
 
 def _entry_problem(where: str, a) -> str | None:

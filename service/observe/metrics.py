@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 
-ENDPOINTS = ("predict", "predict_array", "model_info", "health", "v2", "ui", "bentoml", "unknown")
+ENDPOINTS = ("predict", "predict_array", "model_info", "feedback", "health", "v2", "ui", "bentoml", "unknown")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 GOLDEN_DIFF_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)  # the export's tolerance is 1e-5 + 1e-4 x |value|
@@ -92,6 +92,51 @@ class Metrics:
             documentation="The largest log-probability difference from the export's golden outputs, per check",
             buckets=GOLDEN_DIFF_BUCKETS,
         )
+        # what users said about the answers (POST /feedback): the online accuracy, by model tag
+        self.feedback = client.Counter(
+            name="mnist_feedback_total",
+            documentation="Labelled answers, by model tag, the label (true_digit), what was answered and whether "
+            "it was right; true_digit and answered are 0-9 or not_a_digit",
+            labelnames=["model", "true_digit", "answered", "result"],
+        )
+        self.accuracy = client.Gauge(
+            name="mnist_online_accuracy",
+            documentation="Accuracy over each model tag's last MNIST_ACCURACY_WINDOW labels, from the feedback store",
+            labelnames=["model"],
+            multiprocess_mode="livemax",  # every worker reads the same store: one value, not a sum
+        )
+        self.accuracy_labels = client.Gauge(
+            name="mnist_online_accuracy_labels",
+            documentation="How many labels mnist_online_accuracy counts (at most the window)",
+            labelnames=["model"],
+            multiprocess_mode="livemax",
+        )
+        self.accuracy_window = client.Gauge(
+            name="mnist_online_accuracy_window",
+            documentation="MNIST_ACCURACY_WINDOW: the labels mnist_online_accuracy counts once it has them all",
+            multiprocess_mode="livemax",
+        )
+        self.accuracy_threshold = client.Gauge(
+            name="mnist_online_accuracy_threshold",
+            documentation="MNIST_ACCURACY_ALERT_BELOW: the online-accuracy alert fires below it",
+            multiprocess_mode="livemax",
+        )
+        # drift (service/observe/drift.py): each worker's window against the export's reference; on /metrics the
+        # largest of the live workers' values, so that one worker's window that drifted is seen
+        self.drift_score = client.Gauge(
+            name="mnist_drift_score",
+            documentation="Jensen-Shannon divergence (bits) of the last MNIST_DRIFT_WINDOW images' histogram from the "
+            "export's test-set reference, by quantity; exported once a window is full",
+            labelnames=["quantity"],
+            multiprocess_mode="livemax",
+        )
+        self.drift_threshold = client.Gauge(
+            name="mnist_drift_threshold",
+            documentation="The drift score above which a quantity has drifted, bootstrapped by the export for "
+            "MNIST_DRIFT_WINDOW",
+            labelnames=["quantity"],
+            multiprocess_mode="livemax",
+        )
         self._children: dict[tuple, object] = {}  # (metric, label values) -> its series, made on first use
 
     def _child(self, metric, *labels):
@@ -129,6 +174,27 @@ class Metrics:
         self._child(self.golden_checks, "fail" if result.problem else "pass").inc()
         if result.max_diff != float("inf"):
             self.golden_diff.observe(result.max_diff)
+
+    def observe_feedback(self, model: str, label: str, answered: str, correct: bool) -> None:
+        """One label stored (model tags are the few the fleet serves; labels and answers a fixed set of 11)."""
+        self._child(self.feedback, model, label, answered, "right" if correct else "wrong").inc()
+
+    def set_online_accuracy(self, model: str, correct: int, labels: int) -> None:
+        if labels:
+            self._child(self.accuracy, model).set(correct / labels)
+        self._child(self.accuracy_labels, model).set(labels)
+
+    def set_accuracy_settings(self, window: int, threshold: float) -> None:
+        self.accuracy_window.set(window)
+        self.accuracy_threshold.set(threshold)
+
+    def observe_drift(self, scores: dict[str, float]) -> None:
+        for quantity, score in scores.items():
+            self._child(self.drift_score, quantity).set(score)
+
+    def observe_drift_thresholds(self, thresholds: dict[str, float]) -> None:
+        for quantity, threshold in thresholds.items():
+            self._child(self.drift_threshold, quantity).set(threshold)
 
     def observe_batch(self, stats, seconds: float) -> None:
         if stats.model_images:

@@ -42,7 +42,7 @@ def container(objects: dict) -> dict:
 
 
 def env(objects: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(objects)["env"]}
+    return {e["name"]: e["value"] for e in container(objects)["env"] if "value" in e}  # not those from Secrets
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -117,3 +117,9 @@ def test_image_is_the_variants_bento_and_only_gpu_asks_for_a_gpu(rendered):
     assert container(objects)["image"].split(":")[0] == bento_name
     limits = container(objects)["resources"]["limits"]
     assert limits.get("nvidia.com/gpu") == (1 if variant == "gpu" else None)
+
+
+def test_the_feedback_store_url_comes_from_an_optional_secret(rendered):
+    env = {e["name"]: e for e in container(rendered[1])["env"]}
+    ref = env["MNIST_FEEDBACK_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "mnist-feedback", "key": "url", "optional": True}  # a pod starts without it (SQLite)

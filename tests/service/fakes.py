@@ -17,6 +17,7 @@ from service.core import Core
 from service.engine.messages import Done, InputKind, RuntimeInfo
 from service.engine.work import model_input
 from service.inputs.image_size import declared_pixels
+from service.inputs.stats import input_stats
 
 MANIFEST = {
     "input": {"name": "images", "dtype": "float32", "shape": ["batch", 1, 28, 28]},
@@ -73,8 +74,10 @@ class FakeEngine:
         norm = MANIFEST["normalization"]
         x, seen, asked = model_input(kind, payload, self.config, norm["mean"], norm["std"], declared)
         end = time.time_ns()
+        stats = None if seen is None else input_stats(seen)
         seen = seen if want_inputs or asked else None
-        return Done(fake_log_probs(x), seen, start, end, end, time.time_ns(), len(x), fake_digit_scores(x))
+        scores = fake_digit_scores(x)
+        return Done(fake_log_probs(x), seen, start, end, end, time.time_ns(), len(x), scores, stats, asked)
 
     def refuses_unread(self, body_bytes: int):
         self.asked_unread.append(body_bytes)

@@ -58,3 +58,19 @@ def test_a_bad_setting_stops_the_service_with_one_line(book_export):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: MNIST_MAX_IMAGES must be a whole number, got 'lots'"
+
+
+@pytest.mark.slow
+def test_a_feedback_store_that_cannot_work_stops_the_service_with_one_line(book_export, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "--port", "0"],
+        env={**os.environ, "MNIST_FEEDBACK_DB": str(tmp_path / "a-file" / "feedback.sqlite3")},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the SQLite feedback store at ") and "MNIST_FEEDBACK=0" in last, last

@@ -28,6 +28,8 @@ def test_without_the_token_the_protected_endpoints_are_401(guarded, headers):
         ("POST", "/predict", {"files": IMAGE}),
         ("POST", "/predict_array", {"json": {"images": [[[0.0] * 28] * 28]}}),
         ("GET", "/model_info", {}),
+        ("POST", "/feedback", {"json": {"request_id": "abc", "digit": 1}}),
+        ("GET", "/feedback/stats", {}),
         ("GET", "/metrics", {}),
     ):
         response = httpx.request(method, guarded + path, headers=headers, **kwargs)

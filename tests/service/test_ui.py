@@ -111,6 +111,36 @@ def test_a_scribble_is_not_a_digit(browser, server):
     assert answer(browser, "7") == "7"
 
 
+def thanks(driver) -> str:
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "thanks").text)
+    return driver.find_element(By.ID, "thanks").text
+
+
+def test_right_asks_and_the_picker_corrects_the_answer(browser, server):
+    import httpx
+
+    open_page(browser, server)
+    draw(browser, SEVEN)
+    assert answer(browser, "7") == "7"
+    assert browser.find_element(By.ID, "ask").is_displayed()
+    browser.find_element(By.ID, "no").click()
+    browser.find_element(By.CSS_SELECTOR, '#picker button[data-label="1"]').click()  # "it is a 1", say
+    assert thanks(browser) == "Thanks: noted as 1."
+    assert not browser.find_element(By.ID, "picker").is_displayed()
+    confusion = httpx.get(server + "/feedback/stats", timeout=30).json()
+    served = confusion["models"][confusion["served"]]
+    assert served["confusion"][1][7] >= 1  # the label 1 for an answered 7 is in the store
+    browser.find_element(By.ID, "file").send_keys(str(BOOK_IMAGE))
+    assert answer(browser, "2") == "2"
+    assert browser.find_element(By.ID, "thanks").text == ""  # a new answer asks again
+    browser.find_element(By.ID, "yes").click()
+    assert thanks(browser) == "Thanks: noted as right."
+    browser.find_element(By.ID, "yes").click()  # twice for one answer: the server's 409 message
+    WebDriverWait(browser, 30).until(lambda d: "feedback already" in d.find_element(By.ID, "thanks").text)
+    browser.find_element(By.ID, "clear").click()
+    assert not browser.find_element(By.ID, "ask").is_displayed()
+
+
 def test_the_page_shows_the_servers_message(browser, server, tmp_path):
     open_page(browser, server)
     (tmp_path / "notes.png").write_bytes(b"these are not pixels")
@@ -131,3 +161,5 @@ def test_the_page_sends_the_api_token(browser, book_export, tmp_path):
         field.send_keys("\t")  # the change event stores it
         browser.find_element(By.ID, "file").send_keys(str(BOOK_IMAGE))
         assert answer(browser, "2") == "2"
+        browser.find_element(By.ID, "yes").click()  # feedback carries the token too
+        assert thanks(browser) == "Thanks: noted as right."

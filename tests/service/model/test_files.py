@@ -385,3 +385,49 @@ def test_a_manifest_folder_that_is_a_file(tmp_path):
     (tmp_path / "not-a-folder").write_text("x")
     error = refused(read_manifest, tmp_path / "not-a-folder")
     assert str(error).startswith(f"{tmp_path / 'not-a-folder' / 'manifest.json'} cannot be read (")
+
+
+# ---- the drift section (export/drift.py): optional, checked when present ----
+def drift_section() -> dict:
+    from service.observe.drift import QUANTITIES
+
+    edges = {"digit": [d + 0.5 for d in range(9)], "not_a_digit": [0.5], "confidence": [0.5, 0.9]}
+    quantities = {}
+    for name in QUANTITIES:
+        e = edges.get(name, [1.0, 2.0, 3.0])
+        quantities[name] = {"edges": e, "reference": [1 / (len(e) + 1)] * (len(e) + 1)}
+    return {
+        "method": "jensen-shannon",
+        "quantities": quantities,
+        "thresholds": {"200": dict.fromkeys(QUANTITIES, 0.03)},
+    }
+
+
+def test_a_drift_section_is_read(tmp_path):
+    manifest = {**good_manifest(), "drift": drift_section()}
+    write(tmp_path, manifest)
+    assert read_manifest(tmp_path)["drift"] == manifest["drift"]
+
+
+DRIFT_BREAKS = [
+    (lambda d: d.update(method="psi"), "drift.method"),
+    (lambda d: d["quantities"].pop("ink"), "drift.quantities: exactly"),
+    (lambda d: d["quantities"]["ink"].update(edges=[2.0, 1.0, 3.0]), "drift.quantities.ink.edges"),
+    (lambda d: d["quantities"]["ink"].update(edges="1,2"), "drift.quantities.ink.edges"),
+    (lambda d: d["quantities"]["digit"]["reference"].pop(), "drift.quantities.digit.reference: a share per bin"),
+    (lambda d: d["quantities"]["ink"].update(reference=[0.5, 0.5, 0.5, -0.5]), "drift.quantities.ink.reference"),
+    (lambda d: d["quantities"]["ink"].update(reference=[0.5, 0.5, 0.5, 0.5]), "shares that sum to 1"),
+    (lambda d: d.update(thresholds={}), "drift.thresholds: thresholds per window size"),
+    (lambda d: d["thresholds"].update({"0": d["thresholds"]["200"]}), "drift.thresholds.0: a window size"),
+    (lambda d: d["thresholds"]["200"].pop("digit"), "drift.thresholds.200: a threshold for each"),
+    (lambda d: d["thresholds"]["200"].update(digit=0), "drift.thresholds.200: numbers in (0, 1]"),
+    (lambda d: d["thresholds"]["200"].update(digit="0.1"), "drift.thresholds.200: numbers in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("brk, problem", DRIFT_BREAKS, ids=[p for _, p in DRIFT_BREAKS])
+def test_each_bad_drift_field_is_named(tmp_path, brk, problem):
+    section = drift_section()
+    brk(section)
+    write(tmp_path, {**good_manifest(), "drift": section})
+    assert problem in str(refused(read_manifest, tmp_path))
