@@ -8,6 +8,7 @@ import sys
 
 from training.checkpoint import CheckpointError
 from training.data import DataError
+from training.feedback import FeedbackError
 from training.logs import configure_logging
 from training.train import TrainConfig, train
 
@@ -78,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"never train on the last N training images: the export fits its temperature on them "
         f"(default {d.holdout}; 0 trains on all, as the book does)",
     )
+    p.add_argument(
+        "--feedback",
+        default=None,
+        metavar="STORE",
+        help="also train on the labelled feedback images of this store (the service's MNIST_FEEDBACK_DB file, "
+        "or a postgresql:// URL)",
+    )
+    p.add_argument(
+        "--feedback-weight",
+        type=positive_float,
+        default=d.feedback_weight,
+        metavar="W",
+        help=f"how many times each feedback image is seen per epoch (default {d.feedback_weight:g})",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return p
 
@@ -98,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             holdout=args.holdout,
             download=not args.no_download,
+            feedback=args.feedback,
+            feedback_weight=args.feedback_weight,
         )
         result = train(cfg)
-    except (DataError, CheckpointError, ValueError, OSError) as exc:
+    except (DataError, CheckpointError, FeedbackError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

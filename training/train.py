@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from training.checkpoint import Checkpoint, save_checkpoint
 from training.data import Normalization, dataset_sha256, load_mnist, resolve_data_dir, to_model_input
+from training.feedback import load_feedback, store_name, with_feedback
 from training.model import ConvNet, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ class TrainConfig:
     # test set is never used to fit anything. 0 trains on all 60,000, as the book does (and fits no temperature).
     holdout: int = 5000
     download: bool = True
+    # A feedback store (a SQLite path or postgresql://...): its digit-labelled images join the training set, each
+    # seen feedback_weight times per epoch (training/feedback.py)
+    feedback: str | None = None
+    feedback_weight: float = 10.0
     normalization: Normalization = field(default_factory=Normalization)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -53,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if not 0 < self.feedback_weight < float("inf"):
+            raise ValueError(f"feedback_weight must be positive and finite, got {self.feedback_weight}")
         if self.holdout < 0:
             raise ValueError(f"holdout must be at least 0, got {self.holdout}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -143,6 +150,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
 
+    feedback = load_feedback(cfg.feedback, cfg.feedback_weight) if cfg.feedback else None  # its errors first
     root = resolve_data_dir(cfg.data_dir)
     train_images, train_labels = load_mnist(root, train=True, download=cfg.download)
     test_images, test_labels = load_mnist(root, train=False, download=False)
@@ -150,6 +158,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_images, train_labels = train_images[: holdout["start"]], train_labels[: holdout["start"]]
     if cfg.limit is not None:
         train_images, train_labels = train_images[: cfg.limit], train_labels[: cfg.limit]
+    if feedback is not None:
+        train_images, train_labels = with_feedback(train_images, train_labels, feedback, generator)
     x_train = to_model_input(train_images, cfg.normalization).to(device)
     y_train = train_labels.to(device)
     x_test = to_model_input(test_images, cfg.normalization).to(device)
@@ -207,10 +217,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         "torch": str(torch.__version__),  # a TorchVersion object would not load with weights_only
         "data_sha256": dataset_sha256(root),
         "holdout": holdout,  # training images [start, stop) the model never saw, for the export's calibration
+        "feedback": feedback.provenance if feedback is not None else None,
         "git_commit": _git_commit(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     train_config = {k: v for k, v in asdict(cfg).items() if k not in ("normalization", "model")}
+    train_config["feedback"] = store_name(cfg.feedback) if cfg.feedback else None  # never a password
     ckpt = Checkpoint(
         model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
         model_config=cfg.model,
