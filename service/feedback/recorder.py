@@ -80,23 +80,21 @@ class Recorder:
 
     async def _label(self, label: tuple[str, int, str]) -> Feedback:
         """Queued with the other labels that arrive meanwhile: the store's thread commits them together."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._stopping:
-                raise StoreUnavailable("the worker is shutting down")
-            self._labels.append((label, future))
-        self._wake.set()
-        return await asyncio.wrap_future(future)
+        return await self._queued(self._labels, label)
 
     async def stats(self, since: float, model_tag: str | None) -> dict:
         return await self._call(lambda store: store.stats(since, model_tag))
 
     async def _call(self, work: Callable):
+        return await self._queued(self._tasks, work)
+
+    async def _queued(self, queue: list, item):
+        """``item`` onto one of the store thread's queues (labels, other work), and its result when it is done."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._stopping:
                 raise StoreUnavailable("the worker is shutting down")
-            self._tasks.append((work, future))
+            queue.append((item, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
 
